@@ -1,0 +1,319 @@
+"""Tests for the VLAE project: math against independent references, shapes, gradients, checkpoints, data, training.
+
+    VLAE_DATA=../shared/data python -m pytest -q test_vlae.py
+
+tinygrad compiles every new graph (tens of seconds on a CPU), so the models here are `tiny` and reused.
+"""
+import gzip, os, shutil
+from pathlib import Path
+import numpy as np
+import pytest
+from tinygrad import Tensor, Context
+from tinygrad.nn.state import get_state_dict
+import data
+import train
+from vlae import VLAE, ModelConfig, gaussian_kl, gaussian_log_prob, log_likelihood, n_params
+from hvae import HVAE
+
+TINY = dict(size="tiny")
+
+
+def tiny(**kw) -> VLAE:
+    Tensor.manual_seed(0)
+    return VLAE(ModelConfig(**(TINY | kw)))
+
+
+def mnist_folder() -> Path:
+    """The MNIST folder the data loader finds ($VLAE_DATA, ./data); skip the test if there is none."""
+    roots = data.data_roots()
+    folder = data.find_folder(roots, "mnist", data.MNIST_FILES)
+    if not all((folder / (f + ".gz")).exists() or (folder / f).exists() for f in data.MNIST_FILES):
+        if os.environ.get("VLAE_DATA"): pytest.fail(f"VLAE_DATA={os.environ['VLAE_DATA']} holds no MNIST files")
+        pytest.skip("no MNIST copy found (set VLAE_DATA)")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------- math
+
+def test_kl_matches_monte_carlo():
+    """Closed-form KL(N(mu, sigma^2) || N(0, I)) against E_q[log q(z) - log p(z)] from 200k samples."""
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(3, 4)).astype(np.float32)
+    sigma = rng.uniform(0.2, 1.5, size=(3, 4)).astype(np.float32)
+    kl = gaussian_kl(Tensor(mu), Tensor(sigma)).numpy()
+    z = mu + sigma * rng.normal(size=(200_000, 3, 4))
+    log_q = -0.5 * ((z - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
+    log_p = -0.5 * z ** 2 - 0.5 * np.log(2 * np.pi)
+    mc = (log_q - log_p).sum(-1).mean(0)
+    np.testing.assert_allclose(kl, mc, rtol=0.02, atol=0.02)
+    assert (kl > 0).all()
+
+
+def test_log_densities_match_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(2, 1, 3, 3)).astype(np.float32)
+    logits = rng.normal(size=(2, 1, 3, 3)).astype(np.float32)
+    p = 1 / (1 + np.exp(-logits))
+    cfg = ModelConfig(likelihood="gaussian", sigma_x=0.3)
+    want = np.log(np.exp(-0.5 * ((x - p) / 0.3) ** 2) / (0.3 * np.sqrt(2 * np.pi))).reshape(2, -1).sum(1)
+    np.testing.assert_allclose(log_likelihood(Tensor(x), Tensor(logits), cfg).numpy(), want, rtol=1e-5)
+    xb = (x > 0.5).astype(np.float32)
+    want = (xb * np.log(p) + (1 - xb) * np.log(1 - p)).reshape(2, -1).sum(1)
+    cfg = ModelConfig(likelihood="bernoulli")
+    np.testing.assert_allclose(log_likelihood(Tensor(xb), Tensor(logits), cfg).numpy(), want, rtol=1e-5)
+    # extreme logits must not overflow
+    big = Tensor(np.full((1, 1, 2, 2), 200.0, np.float32))
+    assert np.isfinite(log_likelihood(Tensor(np.zeros((1, 1, 2, 2), np.float32)), big, cfg).numpy()).all()
+    # gaussian_log_prob integrates N(0,1) correctly at 0
+    np.testing.assert_allclose(gaussian_log_prob(Tensor.zeros(1, 1), Tensor.zeros(1, 1), Tensor.ones(1, 1)).numpy(),
+                               [-0.5 * np.log(2 * np.pi)], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("dims", [(1, 3), (2, 3, 4), (4, 2, 3, 1)])
+def test_shapes_for_2_3_4_layers(dims):
+    model = tiny(latent_dims=dims)
+    x = Tensor(np.random.default_rng(0).uniform(size=(5, 1, 28, 28)).astype(np.float32))
+    post = model.encode(x)
+    assert [(mu.shape, s.shape) for mu, s in post] == [((5, d), (5, d)) for d in dims]
+    assert all((s.numpy() > 0).all() for _, s in post)
+    assert model.decode([mu for mu, _ in post]).shape == (5, 1, 28, 28)
+    out = model.elbo(x)
+    assert out.elbo.shape == out.recon.shape == (5,) and len(out.kl) == len(dims)
+
+
+def test_elbo_parts_add_up():
+    model = tiny()
+    x = Tensor(np.random.default_rng(0).uniform(size=(4, 1, 28, 28)).astype(np.float32))
+    out = model.elbo(x)
+    elbo, recon, kl = out.elbo.numpy(), out.recon.numpy(), np.stack([k.numpy() for k in out.kl])
+    assert np.isfinite(elbo).all() and (kl >= 0).all()
+    np.testing.assert_allclose(elbo, recon - kl.sum(0), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("combiner", ["concat", "gated"])
+def test_gradients_reach_every_layer(combiner):
+    model = tiny(combiner=combiner)
+    params = {k: t for k, t in get_state_dict(model).items() if t.is_param and "running" not in k}
+    for t in params.values(): t.requires_grad = True
+    x = Tensor(np.random.default_rng(0).uniform(size=(4, 1, 28, 28)).astype(np.float32))
+    with Context(TRAINING=1):
+        (-model.elbo(x).elbo.mean()).backward()
+    grads = {k: t.grad for k, t in params.items()}
+    Tensor.realize(*[g for g in grads.values() if g is not None])
+    missing = [k for k, g in grads.items() if g is None or not np.abs(g.numpy()).sum() > 0]
+    assert not missing, f"no gradient reaches {missing}"
+    assert (len(model.gate) == 2) == (combiner == "gated")
+    if combiner == "gated": np.testing.assert_allclose(model.gate[0].numpy(), 0.1)
+
+
+def test_prior_sampling_is_seeded():
+    model = tiny()
+    Tensor.manual_seed(3)
+    a = model.sample(6).numpy()
+    Tensor.manual_seed(3)
+    b = model.sample(6).numpy()
+    assert a.shape == (6, 1, 28, 28) and ((a >= 0) & (a <= 1)).all()
+    np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------- HVAE
+
+def tiny_hvae(**kw) -> HVAE:
+    Tensor.manual_seed(0)
+    return HVAE(ModelConfig(**(TINY | {"model": "hvae"} | kw)))
+
+
+def test_hvae_elbo_parts_add_up_and_match_eq5():
+    model = tiny_hvae(latent_dims=(2, 3, 4))
+    x = Tensor(np.random.default_rng(0).uniform(size=(4, 1, 28, 28)).astype(np.float32))
+    Tensor.manual_seed(5)
+    out = model.elbo(x)
+    elbo, recon, kl = out.elbo.numpy(), out.recon.numpy(), np.stack([k.numpy() for k in out.kl])
+    assert np.isfinite(elbo).all() and kl.shape == (3, 4)
+    np.testing.assert_allclose(elbo, recon - kl.sum(0), rtol=1e-5, atol=1e-3)
+    # the same z path through the densities by hand: log p(x|z1) + sum log p(z_l|z_l+1) + log p(zL) - sum log q
+    Tensor.manual_seed(5)
+    zs, log_q, h = [], 0, x
+    for q in model.q:
+        mu, sigma = h.sequential(q)
+        z = mu + sigma * Tensor.randn(*mu.shape)
+        log_q, h = log_q + gaussian_log_prob(z, mu, sigma).numpy(), z
+        zs.append(z)
+    log_p = sum(gaussian_log_prob(z, mu, s).numpy() for z, (mu, s) in zip(zs, model.prior_params(zs)))
+    log_p = log_p - 0.5 * (zs[-1].numpy() ** 2).sum(1) - 4 * 0.5 * np.log(2 * np.pi)   # p(z_3) = N(0, I_4)
+    want = log_likelihood(x, model.decode_logits(zs), model.cfg).numpy() + log_p - log_q
+    np.testing.assert_allclose(elbo, want, rtol=1e-4, atol=1e-2)
+
+
+def test_hvae_params_within_25_percent_of_vlae():
+    for size in ("tiny", "narrow", "paper"):
+        a, b = n_params(VLAE(ModelConfig(size=size))), n_params(HVAE(ModelConfig(model="hvae", size=size)))
+        assert 0.75 <= b / a <= 1.25, (size, a, b)
+
+
+def perturbed(model, parts):
+    for t in get_state_dict(parts).values():
+        if t.is_param: t.replace((t * 1.5 + 0.1).realize())
+    return model
+
+
+def test_gibbs_chain_ignores_upper_layers():
+    model = tiny_hvae()
+    Tensor.manual_seed(7)
+    chain = model.gibbs_chain(4, steps=3)
+    assert chain.shape == (4, 4, 1, 28, 28) and ((chain >= 0) & (chain <= 1)).all()
+    assert not np.array_equal(chain[1], chain[2])
+    # perturb every weight of q(z_l+1 | z_l) and p(z_l | z_l+1): the seeded chain is unchanged
+    model = tiny_hvae()
+    perturbed(model, {"q": model.q[1:], "p": model.p})
+    Tensor.manual_seed(7)
+    np.testing.assert_array_equal(model.gibbs_chain(4, steps=3), chain)
+    # ... while perturbing q(z_1 | x) does change it (the check above can fail)
+    model = tiny_hvae()
+    perturbed(model, model.q[0])
+    Tensor.manual_seed(7)
+    assert not np.allclose(model.gibbs_chain(4, steps=3)[1:], chain[1:])
+    # started from data, with the mean option
+    x0 = Tensor(np.random.default_rng(0).uniform(size=(2, 1, 28, 28)).astype(np.float32))
+    assert model.gibbs_chain(x0, steps=2, sample_x=False).shape == (3, 2, 1, 28, 28)
+
+
+def test_hvae_fixed_eps_and_one_layer_resampling():
+    model = tiny_hvae()
+    for t in get_state_dict(model.p).values():          # N(0, 0.02) weights make z_1 depend on z_3 below
+        if t.is_param and t.ndim == 2: t.replace((t * 20).realize())   # float32 resolution: scale them up
+    rng = np.random.default_rng(0)
+    eps = [Tensor(rng.standard_normal((5, 2)).astype(np.float32)) for _ in range(3)]
+    np.testing.assert_array_equal(model.generate(eps).numpy(), model.generate(eps).numpy())
+    base = [z.numpy() for z in model.generate_latents(eps)]
+    for layer in range(3):
+        new = list(eps)
+        new[layer] = Tensor(rng.standard_normal((5, 2)).astype(np.float32))
+        zs = [z.numpy() for z in model.generate_latents(new)]
+        for k in range(3):
+            changed = not np.array_equal(zs[k], base[k])
+            assert changed == (k <= layer), f"resampling eps_{layer + 1} {'changed' if changed else 'kept'} z_{k + 1}"
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def test_mnist_loader_on_real_files():
+    folder = mnist_folder()
+    ds = data.load_dataset("mnist", str(folder))
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert ds.train_x.dtype == np.float32 and ds.train_x.min() == 0.0 and ds.train_x.max() == 1.0
+    # the published class counts of MNIST
+    assert np.bincount(ds.train_y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(ds.test_y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    xb, yb = next(data.batches(ds.train_x, ds.train_y, 32, seed=0, epoch=0))
+    xb2, _ = next(data.batches(ds.train_x, ds.train_y, 32, seed=0, epoch=0))
+    xb3, _ = next(data.batches(ds.train_x, ds.train_y, 32, seed=0, epoch=1))
+    assert xb.shape == (32, 1, 28, 28) and yb.shape == (32,)
+    np.testing.assert_array_equal(xb, xb2)
+    assert not np.array_equal(xb, xb3)
+    xbin, _ = next(data.batches(ds.train_x, ds.train_y, 32, seed=0, epoch=0, binarize=True))
+    assert set(np.unique(xbin)) <= {0.0, 1.0} and abs(xbin.mean() - xb.mean()) < 0.03
+
+
+@pytest.fixture
+def mnist_copy(tmp_path):
+    """A writable copy of the MNIST folder (label files only need to be real; images are copied too)."""
+    src = mnist_folder()
+    dst = tmp_path / "mnist"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("README*"))
+    return dst
+
+
+def test_truncated_file_gives_clear_error(mnist_copy):
+    f = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz is truncated"):
+        data.load_dataset("mnist", str(mnist_copy.parent))
+
+
+def test_corrupt_file_gives_clear_error(mnist_copy):
+    f = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(f.read_bytes()))
+    raw[500] = (raw[500] + 1) % 10                     # one wrong label: still a valid idx file
+    f.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(data.DataError, match=r"is corrupt: md5 .* expected 27ae3e4e"):
+        data.load_dataset("mnist", str(mnist_copy.parent))
+
+
+def test_wrong_magic_gives_clear_error():
+    with pytest.raises(data.DataError, match="bad magic"):
+        data.parse_idx(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00", "x")
+
+
+def test_missing_files_without_network_give_clear_error(tmp_path):
+    mirror = tmp_path / "no-such-mirror"
+    with pytest.raises(data.DataError, match="could not be downloaded"):
+        data.load_mnist([tmp_path / "data"], mirrors=[mirror.as_uri() + "/"])
+
+
+def test_download_from_mirror(tmp_path):
+    """The download path, run against a local file:// mirror holding the .gz files."""
+    mirror = mnist_folder()
+    if not all((mirror / (f + ".gz")).exists() for f in data.MNIST_FILES): pytest.skip("mirror needs .gz files")
+    ds = data.load_mnist([tmp_path / "data"], mirrors=[mirror.resolve().as_uri() + "/"])
+    assert len(ds.test_y) == 10000 and (tmp_path / "data/mnist/t10k-labels-idx1-ubyte.gz").exists()
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def run_train(argv):
+    args = train.parse_args(argv)
+    return train.train(args)
+
+
+def test_bad_flags_exit_with_one_line(capsys, tmp_path):
+    for argv, msg in [(["--epochs", "0"], "--epochs must be >= 1"), (["--batch-size", "0"], "--batch-size must"),
+                      (["--lr", "-1"], "--lr must be > 0"), (["--latent-dims", "2,x"], "not a comma-separated"),
+                      (["--latent-dims", "2"], "at least 2 layers"), (["--dataset", "cifar"], "unknown dataset")]:
+        assert train.main(argv + ["--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+
+
+def test_missing_checkpoint_gives_clear_error(tmp_path):
+    with pytest.raises(train.UserError, match="no checkpoint .* train one first"):
+        train.load_model(tmp_path)
+    (tmp_path / train.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(train.UserError, match="not a readable checkpoint"):
+        train.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["vlae", "hvae"])
+def test_training_lowers_loss_and_resumes(tmp_path, model):
+    """A short run on 1000 real MNIST images: the test ELBO improves, files are written, the checkpoint
+    rebuilds a model with identical outputs, and --resume continues the run."""
+    mnist_folder()
+    out = tmp_path / "run"
+    common = ["--model", model, "--size", "tiny", "--subset", "1000", "--batch-size", "50", "--out", str(out), "--kl-warmup", "0"]
+    run_train(common + ["--epochs", "2"])
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    import json
+    m = [json.loads(l) for l in lines]
+    assert [r["epoch"] for r in m] == [1, 2] and m[1]["step"] == 40
+    assert m[1]["train_loss"] < m[0]["train_loss"]
+    assert m[1]["test_elbo"] > m[0]["test_elbo"]
+    for f in ("samples.png", "reconstructions.png", "checkpoint.safetensors"): assert (out / f).stat().st_size > 0
+
+    # checkpoint round trip: same config, same weights, identical outputs
+    model, meta = train.load_model(out)
+    assert meta["epoch"] == 2 and meta["config"]["size"] == "tiny" and meta["config"]["latent_dims"] == [2, 2, 2]
+    model2, _ = train.load_model(out / train.CHECKPOINT)
+    zs = [Tensor(np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)) for _ in range(3)]
+    np.testing.assert_array_equal(model.decode(zs).numpy(), model2.decode(zs).numpy())
+    assert n_params(model) == n_params(model2)
+
+    # a second run into the same folder refuses to overwrite it; --resume continues it
+    with pytest.raises(train.UserError, match="already exists: pass --resume"):
+        run_train(common + ["--epochs", "3"])
+    with pytest.raises(train.UserError, match="trained with combiner=concat"):
+        run_train(common + ["--epochs", "3", "--resume", "--combiner", "gated"])
+    run_train(common + ["--epochs", "3", "--resume"])
+    m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in m] == [1, 2, 3] and m[2]["step"] == 60

@@ -1,0 +1,252 @@
+"""The Variational Ladder Autoencoder (Zhao, Song & Ermon, ICML 2017, section 4.1, Eq. 8-14).
+
+One latent layer z = (z_1, ..., z_L) with a standard-normal prior, split into L parts that sit at different
+network depths: z_1 is read from x through a shallow network and z_L through a deep one, so simple features
+(stroke width) end up at the bottom and abstract ones (digit identity) at the top.
+
+This file also holds the pieces that hvae.py reuses: blocks, the Gaussian head, the KL and log-density of a
+diagonal Gaussian, the two likelihoods r(x; .) and the shared image encoder/decoder stacks.
+
+    from vlae import VLAE, ModelConfig
+    model = VLAE(ModelConfig(latent_dims=(2, 2, 2), size="narrow"))
+    out = model.elbo(x)            # x: (B, 1, 28, 28) in [0, 1]; out.elbo: (B,) nats
+"""
+from __future__ import annotations
+import math
+from dataclasses import dataclass, asdict, field
+from typing import NamedTuple
+from tinygrad import Tensor, TinyJit, nn, Device
+from tinygrad.nn.state import get_state_dict
+
+# Network widths. `paper` is the authors' MNIST network (../shared/DESIGN.md); `narrow` keeps its shape
+# with fewer units so that a 2-core CPU trains it in minutes; `tiny` is for tests and smoke runs only.
+SIZES = {
+    "paper": {"channels": (64, 128), "hidden": 1024},
+    "narrow": {"channels": (16, 32), "hidden": 256},
+    "tiny": {"channels": (4, 8), "hidden": 32},
+}
+LOG_2PI = math.log(2 * math.pi)
+
+
+def default_size() -> str:
+    """The authors' network on an accelerator, the narrow one on a CPU backend."""
+    return "narrow" if Device.DEFAULT in ("CPU", "CLANG", "LLVM", "PYTHON") else "paper"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; stored as JSON inside every checkpoint."""
+    model: str = "vlae"                      # "vlae" or "hvae"
+    image_shape: tuple = (1, 28, 28)         # (C, H, W)
+    latent_dims: tuple = (2, 2, 2)           # code size of z_1 (bottom) ... z_L (top)
+    size: str = "narrow"                     # a key of SIZES
+    combiner: str = "concat"                 # "concat" (Eq. 11) or "gated" (the authors' released code)
+    likelihood: str = "gaussian"             # "gaussian" (fixed variance, the paper's r) or "bernoulli"
+    sigma_x: float = 0.1                     # std of the fixed-variance Gaussian likelihood
+    channels: tuple = field(default=())      # filled from SIZES when empty
+    hidden: int = 0                          # filled from SIZES when 0
+
+    def __post_init__(self):
+        self.image_shape, self.latent_dims = tuple(self.image_shape), tuple(self.latent_dims)
+        if not self.channels: self.channels = SIZES[self.size]["channels"]
+        if not self.hidden: self.hidden = SIZES[self.size]["hidden"]
+        self.channels = tuple(self.channels)
+
+    def to_dict(self) -> dict: return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pieces both models use
+# ---------------------------------------------------------------------------------------------------------
+
+def lrelu(x: Tensor) -> Tensor: return x.leaky_relu(0.1)   # the authors' leaky ReLU slope
+def relu(x: Tensor) -> Tensor: return x.relu()
+
+
+def dense(n_in: int, n_out: int, act=None) -> list:
+    """Linear -> BatchNorm -> activation, the unit every MLP in the authors' networks is made of."""
+    return [nn.Linear(n_in, n_out), nn.BatchNorm(n_out), act] if act else [nn.Linear(n_in, n_out)]
+
+
+def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
+    """n_blocks x (dense, BN, act) followed by a plain dense layer: the authors' g_l, f_L and u_l."""
+    layers = []
+    for i in range(n_blocks): layers += dense(n_in if i == 0 else hidden, hidden, act)
+    return layers + dense(hidden, hidden)
+
+
+def conv_encoder(image_shape: tuple, channels: tuple) -> list:
+    """x (B, C, H, W) -> features (B, c_last * H/4 * W/4): 4x4 stride-2 convolutions, BN, leaky ReLU."""
+    layers, c_in = [], image_shape[0]
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.BatchNorm(c), lrelu]
+        c_in = c
+    return layers + [lambda x: x.flatten(1)]
+
+
+def conv_features(image_shape: tuple, channels: tuple) -> int:
+    c, h, w = image_shape
+    return channels[-1] * (h >> len(channels)) * (w >> len(channels))
+
+
+def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
+    """features (B, n_in) -> logits (B, C, H, W): dense to a (c_last, H/4, W/4) map, then transposed convs."""
+    c_img, h, w = image_shape
+    n = len(channels)
+    c0, h0, w0 = channels[-1], h >> n, w >> n
+    layers = dense(n_in, c0 * h0 * w0, relu) + [lambda x: x.reshape(-1, c0, h0, w0)]
+    outs = list(reversed(channels[:-1])) + [c_img]
+    c_in = c0
+    for i, c in enumerate(outs):
+        layers.append(nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1))
+        if i < len(outs) - 1: layers += [nn.BatchNorm(c), relu]
+        c_in = c
+    return layers
+
+
+class GaussianHead:
+    """h -> (mu, sigma) of a diagonal Gaussian. sigma = sigmoid(.) + 0.001 as in the authors' code."""
+    def __init__(self, n_in: int, n_out: int):
+        self.mu, self.sigma = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
+
+    def __call__(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mu(h), self.sigma(h).sigmoid() + 0.001
+
+
+def reparameterize(mu: Tensor, sigma: Tensor, eps: Tensor | None = None) -> Tensor:
+    """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2013): a sample that gradients flow through."""
+    return mu + sigma * (Tensor.randn(*mu.shape) if eps is None else eps)
+
+
+def gaussian_kl(mu: Tensor, sigma: Tensor) -> Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per example, summed over units (Kingma & Welling 2013, Appendix B):
+    KL = 1/2 * sum(mu^2 + sigma^2 - 1 - log sigma^2)."""
+    return 0.5 * (mu.square() + sigma.square() - 1 - 2 * sigma.log()).sum(axis=1)
+
+
+def gaussian_log_prob(z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+    """log N(z; mu, sigma^2) per example, summed over all non-batch axes."""
+    lp = -0.5 * ((z - mu) / sigma).square() - sigma.log() - 0.5 * LOG_2PI
+    return lp.flatten(1).sum(axis=1)
+
+
+def log_likelihood(x: Tensor, logits: Tensor, cfg: ModelConfig) -> Tensor:
+    """log r(x; f_0(z~_1)) per example (Eq. 10). The decoder emits logits; the image mean is sigmoid(logits).
+    gaussian: fixed-variance factorised Gaussian around the mean (the paper's choice), a density on [0, 1]^D.
+    bernoulli: for binarized x; log p = x * l - softplus(l), written in the overflow-free form."""
+    if cfg.likelihood == "gaussian":
+        sigma = Tensor.full((1,), cfg.sigma_x)
+        return gaussian_log_prob(x, logits.sigmoid(), sigma)
+    lp = x * logits - logits.relu() - (1 + (-logits.abs()).exp()).log()
+    return lp.flatten(1).sum(axis=1)
+
+
+def init_weights(model) -> None:
+    """Weights ~ N(0, 0.02), biases 0, as in the authors' code; BatchNorm keeps scale 1, shift 0."""
+    for name, t in get_state_dict(model).items():
+        if name.endswith(".weight") and t.ndim >= 2: t.replace(Tensor.normal(*t.shape, std=0.02))
+        elif name.endswith(".bias") and t.ndim == 1: t.replace(Tensor.zeros(*t.shape))
+
+
+def n_params(model) -> int:
+    return sum(t.numel() for name, t in get_state_dict(model).items() if t.is_param and "running" not in name)
+
+
+class ELBO(NamedTuple):
+    """Per-example terms of the ELBO, each (B,) in nats."""
+    elbo: Tensor        # recon - sum(kl)
+    recon: Tensor       # E_q[log p(x|z)], one sample
+    kl: list            # per layer, bottom (z_1) first
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The VLAE
+# ---------------------------------------------------------------------------------------------------------
+
+class LatentModel:
+    """What both models share: jitted generation/encoding for sampling and evaluation (eval mode, so BatchNorm
+    uses its running statistics). Subclasses define cfg, encode(x) and generate(eps)."""
+    cfg: ModelConfig
+
+    @property
+    def L(self) -> int: return len(self.cfg.latent_dims)
+
+    def noise(self, n: int) -> list[Tensor]:
+        """eps_l ~ N(0, I), one (n, d_l) tensor per layer, bottom first."""
+        return [Tensor.randn(n, d) for d in self.cfg.latent_dims]
+
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        """n images (means of r(x|z), in [0, 1]) generated from the model's prior."""
+        return self.generate_jit([e * temperature for e in self.noise(n)])
+
+    def generate_jit(self, eps: list[Tensor]) -> Tensor:
+        if not hasattr(self, "_generate_jit"): self._generate_jit = TinyJit(lambda e: self.generate(e).realize())
+        return self._generate_jit([e.contiguous().realize() for e in eps])
+
+    def encode_jit(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        if not hasattr(self, "_encode_jit"):
+            self._encode_jit = TinyJit(lambda x: [t.realize() for p in self.encode(x) for t in p])
+        flat = self._encode_jit(x.contiguous().realize())
+        return [(flat[2 * i], flat[2 * i + 1]) for i in range(self.L)]
+
+
+class VLAE(LatentModel):
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        dims, D, ch, shape = cfg.latent_dims, cfg.hidden, cfg.channels, cfg.image_shape
+        L, n_conv = len(dims), conv_features(shape, ch)
+        if L < 2: raise ValueError("a VLAE needs at least 2 latent layers")
+
+        # Inference network, Eq. 12-13: h_l = g_l(h_{l-1}), z_l ~ N(mu_l(h_l), sigma_l(h_l)), h_0 = x.
+        # Following the authors' code, g_1 is the identity: z_1 reads x through its own two convolutions.
+        # g_2 = convs -> dense; g_l (l > 2) = 2 x (dense, BN, lReLU) -> dense. Heads above z_1 are
+        # 2 x (dense, BN, lReLU) -> (mu, sigma). Index i in the lists below is layer l = i + 1.
+        self.g = [[]] + [conv_encoder(shape, ch) + dense(n_conv, D)] + [mlp(D, D, lrelu) for _ in range(L - 2)]
+        self.head = [conv_encoder(shape, ch) + [GaussianHead(n_conv, dims[0])]]
+        self.head += [dense(D, D, lrelu) + dense(D, D, lrelu) + [GaussianHead(D, d)] for d in dims[1:]]
+
+        # Generative network, Eq. 8-11: z~_L = f_L(z_L); z~_l = u_l([z~_{l+1}; v_l(z_l)]); x ~ r(x; f_0(z~_1)).
+        self.f_top = mlp(dims[-1], D, relu)
+        self.v = [dense(d, D, lrelu if i == 0 else relu) for i, d in enumerate(dims[:-1])]
+        n_in = 2 * D if cfg.combiner == "concat" else D
+        # u_1 (with f_0 folded in) is the image decoder; higher u_l are MLPs.
+        self.u = [conv_decoder(n_in, shape, ch)] + [mlp(n_in, D, relu) for _ in dims[1:-1]]
+        # The authors' gated add: z~ + gate * v(z), one gate per unit, initialised to 0.1.
+        self.gate = [Tensor.full((D,), 0.1).contiguous() for _ in dims[:-1]] if cfg.combiner == "gated" else []
+        init_weights(self)
+
+    def encode(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """x (B, C, H, W) -> [(mu_l, sigma_l), ...] for l = 1..L, each (B, d_l). Eq. 12-13."""
+        h, out = x, []
+        for g, head in zip(self.g, self.head):
+            h = h.sequential(g) if g else h                # Eq. 12: h_l = g_l(h_{l-1})
+            out.append(h.sequential(head))                 # Eq. 13: z_l ~ N(mu_l(h_l), sigma_l(h_l))
+        return out
+
+    def combine(self, i: int, z_tilde: Tensor, v: Tensor) -> Tensor:
+        if self.cfg.combiner == "concat": return z_tilde.cat(v, dim=1)   # Eq. 11: [z~_{l+1}; v_l(z_l)]
+        return z_tilde + self.gate[i] * v                                 # authors' code: z~ + gate * v_l(z_l)
+
+    def decode_logits(self, zs: list[Tensor]) -> Tensor:
+        """[z_1, ..., z_L] -> logits of r(x | z) (B, C, H, W)."""
+        z_tilde = zs[-1].sequential(self.f_top)                             # Eq. 8: z~_L = f_L(z_L)
+        for i in reversed(range(self.L - 1)):                               # l = L-1 .. 1
+            v = zs[i].sequential(self.v[i])                                 # v_l(z_l)
+            z_tilde = self.combine(i, z_tilde, v).sequential(self.u[i])     # Eq. 9/11: z~_l = u_l([z~_{l+1}; v_l(z_l)])
+        return z_tilde                                                      # Eq. 10: f_0(z~_1), here logits
+
+    def decode(self, zs: list[Tensor]) -> Tensor:
+        """[z_1, ..., z_L] -> image mean in [0, 1]."""
+        return self.decode_logits(zs).sigmoid()
+
+    def elbo(self, x: Tensor) -> ELBO:
+        """Eq. 14: L(x) = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)), one reparameterized sample of z."""
+        posterior = self.encode(x)
+        zs = [reparameterize(mu, sigma) for mu, sigma in posterior]
+        recon = log_likelihood(x, self.decode_logits(zs), self.cfg)
+        kl = [gaussian_kl(mu, sigma) for mu, sigma in posterior]           # closed form, per layer
+        return ELBO(recon - sum(kl[1:], kl[0]), recon, kl)
+
+    def generate(self, eps: list[Tensor]) -> Tensor:
+        """The prior is N(0, I), so z_l = eps_l: images decoded from the given noise."""
+        return self.decode(eps)
