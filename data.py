@@ -60,7 +60,7 @@ def find_folder(roots: list[Path], name: str, files) -> Path:
 
 def read_verified(folder: Path, name: str, md5: str) -> bytes:
     """The decompressed bytes of <name> or <name>.gz in folder, checked against md5."""
-    fix = f"delete it and run again to re-download, or point --data-dir / VLAE_DATA at a good copy"
+    fix = "delete it and run again to re-download, or point --data-dir / VLAE_DATA at a good copy"
     for path in (folder / name, folder / (name + ".gz")):
         if not path.exists(): continue
         try:

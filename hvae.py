@@ -53,9 +53,6 @@ class HVAE(LatentModel):
         """Logits of p(x | z_1); the Markov model never looks at z_2..z_L here."""
         return zs[0].sequential(self.p_x)
 
-    def decode(self, zs: list[Tensor]) -> Tensor:
-        return self.decode_logits(zs).sigmoid()
-
     def elbo(self, x: Tensor) -> ELBO:
         """Eq. 5 with one reparameterized sample per layer:
         log p(x | z_1) + sum_l [log p(z_l | z_{l+1}) - log q(z_l | z_{l-1})], z_0 = x, p(z_L) = N(0, I).

@@ -10,10 +10,9 @@ written atomically after every epoch), metrics.jsonl (one line per epoch), sampl
 """
 from __future__ import annotations
 import argparse, json, math, os, sys, time
-from dataclasses import fields
 from pathlib import Path
 import numpy as np
-from tinygrad import Tensor, TinyJit, Device, Context, nn, dtypes
+from tinygrad import Tensor, TinyJit, Device, Context, nn
 from tinygrad.helpers import tqdm
 from tinygrad.nn.state import get_state_dict, safe_save, safe_load, safe_load_metadata, load_state_dict
 from data import DataError, load_dataset, batches, image_grid, save_png
@@ -116,6 +115,7 @@ class Trainer:
         self.evaluate_batch = TinyJit(self._evaluate_batch)
 
     def _step(self, x: Tensor, beta: Tensor) -> Tensor:
+        """One Adam step on a batch x (B, C, H, W); returns (loss, recon, kl_1..kl_L) of this batch."""
         with Context(TRAINING=1):
             self.opt.zero_grad()
             out = self.model.elbo(x)
@@ -124,8 +124,8 @@ class Trainer:
             loss.backward()
             self.opt.step()
             stats = Tensor.cat(loss.reshape(1), out.recon.mean().reshape(1), kl)
-            self.totals.assign(self.totals + stats)
-            return stats.realize(), self.totals.realize()
+            Tensor.realize(stats, self.totals.assign(self.totals + stats))
+            return stats
 
     def _evaluate_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-example (elbo, recon, kl_1..kl_L) (B, 2+L) and reconstructions decoded from the posterior means."""
@@ -154,9 +154,9 @@ def binarized_test_set(x: np.ndarray) -> np.ndarray:
 
 def write_pngs(trainer: Trainer, out: Path, test_x: np.ndarray, recon: np.ndarray, epoch: int, tag: str) -> None:
     model = trainer.model
-    zs = [Tensor(np.random.default_rng(1234 + l).standard_normal((100, d)).astype(np.float32))
-          for l, d in enumerate(model.cfg.latent_dims)]                    # the same prior draws every epoch
-    samples = model.generate_jit(zs).numpy()
+    rng = np.random.default_rng(1234)                                   # the same prior draws every epoch
+    eps = [Tensor(rng.standard_normal((100, d)).astype(np.float32)) for d in model.cfg.latent_dims]
+    samples = model.generate_jit(eps).numpy()
     save_png(image_grid(samples, 10, scale=2), out / "samples.png", f"{tag} prior samples, epoch {epoch}")
     n = 10
     pairs = np.concatenate([np.concatenate([test_x[r * n:(r + 1) * n], recon[r * n:(r + 1) * n]]) for r in range(3)])
@@ -285,7 +285,7 @@ def train(args) -> dict:
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=None)  # off when not a tty
         for i, (xb, _) in enumerate(batches(train_x, ds.train_y, args.batch_size, args.seed, epoch, binarize=binarize)):
             step += 1
-            stats, _ = trainer.step(Tensor(xb), Tensor([kl_weight(step, args.kl_warmup)]))
+            stats = trainer.step(Tensor(xb), Tensor([kl_weight(step, args.kl_warmup)]))
             if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
                 s = stats.numpy()                                       # the only sync in the loop
                 if not np.isfinite(s).all():

@@ -159,17 +159,17 @@ class ELBO(NamedTuple):
     kl: list            # per layer, bottom (z_1) first
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The VLAE
-# ---------------------------------------------------------------------------------------------------------
-
 class LatentModel:
     """What both models share: jitted generation/encoding for sampling and evaluation (eval mode, so BatchNorm
-    uses its running statistics). Subclasses define cfg, encode(x) and generate(eps)."""
+    uses its running statistics). Subclasses define cfg, encode(x), decode_logits(zs) and generate(eps)."""
     cfg: ModelConfig
 
     @property
     def L(self) -> int: return len(self.cfg.latent_dims)
+
+    def decode(self, zs: list[Tensor]) -> Tensor:
+        """[z_1, ..., z_L] -> image mean of r(x | z) in [0, 1]; the decoder emits logits."""
+        return self.decode_logits(zs).sigmoid()
 
     def noise(self, n: int) -> list[Tensor]:
         """eps_l ~ N(0, I), one (n, d_l) tensor per layer, bottom first."""
@@ -189,6 +189,10 @@ class LatentModel:
         flat = self._encode_jit(x.contiguous().realize())
         return [(flat[2 * i], flat[2 * i + 1]) for i in range(self.L)]
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The VLAE
+# ---------------------------------------------------------------------------------------------------------
 
 class VLAE(LatentModel):
     def __init__(self, cfg: ModelConfig):
@@ -219,7 +223,7 @@ class VLAE(LatentModel):
         """x (B, C, H, W) -> [(mu_l, sigma_l), ...] for l = 1..L, each (B, d_l). Eq. 12-13."""
         h, out = x, []
         for g, head in zip(self.g, self.head):
-            h = h.sequential(g) if g else h                # Eq. 12: h_l = g_l(h_{l-1})
+            h = h.sequential(g)                            # Eq. 12: h_l = g_l(h_{l-1})
             out.append(h.sequential(head))                 # Eq. 13: z_l ~ N(mu_l(h_l), sigma_l(h_l))
         return out
 
@@ -234,10 +238,6 @@ class VLAE(LatentModel):
             v = zs[i].sequential(self.v[i])                                 # v_l(z_l)
             z_tilde = self.combine(i, z_tilde, v).sequential(self.u[i])     # Eq. 9/11: z~_l = u_l([z~_{l+1}; v_l(z_l)])
         return z_tilde                                                      # Eq. 10: f_0(z~_1), here logits
-
-    def decode(self, zs: list[Tensor]) -> Tensor:
-        """[z_1, ..., z_L] -> image mean in [0, 1]."""
-        return self.decode_logits(zs).sigmoid()
 
     def elbo(self, x: Tensor) -> ELBO:
         """Eq. 14: L(x) = E_q[log p(x|z)] - KL(q(z|x) || N(0, I)), one reparameterized sample of z."""
