@@ -1,4 +1,5 @@
-"""Tests for the VLAE project: math against independent references, shapes, gradients, checkpoints, data, training.
+"""Tests for the VLAE project: math against independent references, shapes, gradients, checkpoints, data, training,
+and the figures of sample.py.
 
     VLAE_DATA=../shared/data python -m pytest -q test_vlae.py
 
@@ -8,13 +9,15 @@ test the optimized kernels instead).
 """
 import os
 os.environ.setdefault("NOOPT", "1")   # before tinygrad is imported: it reads its settings once
-import gzip, json, shutil
+import gzip, json, math, re, shutil
 from pathlib import Path
 import numpy as np
 import pytest
-from tinygrad import Tensor, Context
+from PIL import Image
+from tinygrad import Tensor, Context, nn
 from tinygrad.nn.state import get_state_dict
 import data
+import sample
 import train
 from vlae import VLAE, ModelConfig, gaussian_kl, gaussian_log_prob, log_likelihood, n_params
 from hvae import HVAE
@@ -312,7 +315,9 @@ def test_training_lowers_loss_and_resumes(tmp_path, model):
     np.testing.assert_array_equal(model.decode(zs).numpy(), model2.decode(zs).numpy())
     assert n_params(model) == n_params(model2)
 
-    # a second run into the same folder refuses to overwrite it; --resume continues it
+    # a second run into the same folder refuses to overwrite it; --resume continues it (the same code for both
+    # models, so it is run for one: each new training graph costs a minute of compiling)
+    if model == "hvae": return
     with pytest.raises(train.UserError, match="already exists: pass --resume"):
         run_train(common + ["--epochs", "3"])
     with pytest.raises(train.UserError, match="trained with combiner=concat"):
@@ -320,3 +325,125 @@ def test_training_lowers_loss_and_resumes(tmp_path, model):
     run_train(common + ["--epochs", "3", "--resume"])
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in m] == [1, 2, 3] and m[2]["step"] == 60
+
+
+DIMS = (2, 2, 2)
+
+
+# --------------------------------------------------------------------------------------------- sample.py: latent grids
+
+def test_grid_coordinates_are_gaussian_quantiles():
+    q = sample.normal_quantiles(10)
+    assert q[0] == pytest.approx(-1.644854, abs=1e-5) and q[-1] == pytest.approx(1.644854, abs=1e-5)
+    # the standard normal CDF, Phi(q) = (1 + erf(q / sqrt 2)) / 2, brings them back to evenly spaced probabilities
+    cdf = [(1 + math.erf(v / math.sqrt(2))) / 2 for v in q]
+    np.testing.assert_allclose(cdf, np.linspace(0.05, 0.95, 10), atol=1e-6)
+    grid = sample.quantile_grid(4)
+    q4 = sample.normal_quantiles(4)
+    for r in range(4):
+        for c in range(4): np.testing.assert_array_equal(grid[r, c], [q4[c], q4[r]])   # unit 1 across, unit 2 down
+    # the swept layer of a grid sweep holds exactly that grid, in every panel
+    eps = sample.grid_sweep(DIMS, 2, 4, 3, np.random.default_rng(0))
+    for p in range(3): np.testing.assert_array_equal(eps[1][p], grid)
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_grid_sweep_varies_only_the_swept_layer(layer):
+    n, panels = 5, 3
+    eps = sample.grid_sweep(DIMS, layer, n, panels, np.random.default_rng(1))
+    assert [e.shape for e in eps] == [(panels, n, n, d) for d in DIMS] and all(e.dtype == np.float32 for e in eps)
+    for i, e in enumerate(eps):
+        for p in range(panels):
+            same = (e[p] == e[p, 0, 0]).all()
+            assert same == (i != layer - 1), f"layer {i + 1} {'fixed' if same else 'varies'} in panel {p}"
+        if i != layer - 1: assert len({e[p, 0, 0].tobytes() for p in range(panels)}) == panels   # new draw per panel
+    # panel 0 does not depend on how many panels are drawn: sweep-all.png shows the first panel of each sweep
+    one = sample.grid_sweep(DIMS, layer, n, 1, np.random.default_rng(1))
+    for a, b in zip(one, eps): np.testing.assert_array_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_row_sweep_varies_only_the_swept_layer_within_a_row(layer):
+    dims, rows, cols = (1, 3, 2), 4, 6
+    eps = sample.row_sweep(dims, layer, rows, cols, np.random.default_rng(2))
+    assert [e.shape for e in eps] == [(1, rows, cols, d) for d in dims]
+    for i, e in enumerate(eps):
+        e = e[0]
+        if i == layer - 1:
+            assert len({e[0, c].tobytes() for c in range(cols)}) == cols      # a new value in every column ...
+            assert (e == e[:1]).all()                                           # ... the same one in every row
+        else:
+            assert (e == e[:, :1]).all()                                        # fixed along each row
+            assert len({e[r, 0].tobytes() for r in range(rows)}) == rows        # a new draw in every row
+    if dims[layer - 1] == 1: np.testing.assert_array_equal(eps[layer - 1][0, 0, :, 0], sample.normal_quantiles(cols))
+
+
+def test_layer_sweep_picks_the_figure_and_is_seeded():
+    assert len(sample.layer_sweep("vlae", DIMS, 3, 4, 3, seed=0)[0]) == 3            # Fig. 5: 3 grid panels
+    assert len(sample.layer_sweep("hvae", DIMS, 3, 4, 3, seed=0)[0]) == 1            # Fig. 3: resample eps_3
+    assert len(sample.layer_sweep("vlae", (2, 5), 2, 4, 3, seed=0)[0]) == 1          # Fig. 6/7: a 5-D code
+    for a, b in zip(sample.layer_sweep("vlae", DIMS, 1, 4, 2, 7), sample.layer_sweep("vlae", DIMS, 1, 4, 2, 7)):
+        np.testing.assert_array_equal(a, b)
+    seven, eight = sample.layer_sweep("vlae", DIMS, 1, 4, 2, 7), sample.layer_sweep("vlae", DIMS, 1, 4, 2, 8)
+    assert not np.array_equal(seven[1], eight[1])
+    np.testing.assert_array_equal(sample.shown_states(100, 5), [0, 25, 50, 75, 100])
+    np.testing.assert_array_equal(sample.shown_states(3, 10), [0, 1, 2, 3])
+
+
+# --------------------------------------------------------------------------------------------- PNGs from a checkpoint
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """An untrained tiny VLAE checkpoint with 2-D codes at 3 layers: enough to test the plumbing, not the pictures
+    (training one would cost a minute of compiling; test_training_lowers_loss_and_resumes covers that path)."""
+    out = tmp_path_factory.mktemp("sample") / "run"
+    out.mkdir()
+    model = tiny()
+    meta = {"config": model.cfg.to_dict(), "train": {"dataset": "mnist"}, "step": 0, "epoch": 0}
+    train.save_checkpoint(out / train.CHECKPOINT, model, nn.optim.Adam(nn.state.get_parameters(model)), meta)
+    return out
+
+
+def panel_size(n: int, h: int = 28, gutter: int = 2) -> int:
+    return n * (h + gutter) + gutter
+
+
+def test_pngs_match_the_grid_and_the_seed(run, tmp_path, capsys):
+    n, panels = 3, 2
+    common = ["--run", str(run), "--grid", str(n), "--scale", "1"]
+    sweep = common + ["--sweep-layer", "3", "--panels", str(panels), "--prior"]
+    assert sample.main(sweep) == 0                                       # the default output folder is the run folder
+    assert capsys.readouterr().out.split() == [str(run / "sweep-layer3.png"), str(run / "prior.png")]
+    header, label, side = 14, sample.LABEL_H, panel_size(n)
+    with Image.open(run / "sweep-layer3.png") as im:
+        assert im.size == (panels * side + (panels - 1) * sample.PANEL_GAP, header + label + side)
+        layer3 = np.asarray(im)
+    with Image.open(run / "prior.png") as im:
+        assert im.size == (side, header + side)
+
+    # every layer side by side; its layer-3 panel is the first panel of sweep-layer3.png (same seed and draws)
+    assert sample.main(common + ["--sweep-layer", "all", "--out", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "sweep-all.png") as im:
+        assert im.size == (3 * side + 2 * sample.PANEL_GAP, header + label + side)
+        np.testing.assert_array_equal(np.asarray(im)[header + label:, -side:], layer3[header + label:, :side])
+
+    # the same seed gives the same bytes (that another seed gives other noise is tested on layer_sweep above)
+    assert sample.main(sweep + ["--out", str(tmp_path)]) == 0
+    for name in ("sweep-layer3.png", "prior.png"): assert (tmp_path / name).read_bytes() == (run / name).read_bytes()
+
+
+def test_user_errors_are_one_line(run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / train.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    cases = [(["--run", str(tmp_path / "none")], "no checkpoint in .*: train one first with `python train.py"),
+             (["--run", str(broken)], "not a readable checkpoint"),
+             (["--run", str(run), "--sweep-layer", "4"], "--sweep-layer 4: this model has layers 1 .* to 3"),
+             (["--run", str(run), "--sweep-layer", "top"], "--sweep-layer top: give a layer number"),
+             (["--run", str(run), "--gibbs", "5"], "--gibbs .* HVAE"),
+             (["--run", str(run), "--grid", "0"], "--grid must be >= 1")]
+    for argv, msg in cases:
+        assert sample.main(argv + ["--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(msg, err[0]), err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,310 @@
+"""Pictures from a trained checkpoint: layer sweeps (paper Fig. 3, 5-7), the Gibbs chain of Proposition 1 (Fig. 2),
+prior samples and reconstructions.
+
+    python sample.py --sweep-layer 3                       # Fig. 5: z_3 on a grid, the others fixed
+    python sample.py --sweep-layer all                     # every layer's sweep side by side
+    python sample.py --prior --temperature 0.8 --reconstruct
+    python sample.py --run out/mnist-hvae --sweep-layer all --gibbs 100     # Fig. 3 and Fig. 2 for the HVAE
+
+PNGs go to the run folder (default out/mnist-vlae) unless --out says otherwise: sweep-layer3.png, sweep-all.png,
+gibbs.png, prior.png, reconstructions.png. Layers are numbered as in the paper: 1 = bottom (closest to x), L = top.
+Every picture is a function of the checkpoint and --seed only: all noise is drawn with numpy, and the model runs
+jitted at one fixed batch size. With no picture asked for, `--sweep-layer all` is drawn.
+"""
+from __future__ import annotations
+import argparse, statistics, sys
+from pathlib import Path
+import numpy as np
+from tinygrad import Tensor
+from data import DataError, load_dataset, image_grid, save_png
+from train import CHECKPOINT, UserError, load_model, binarized_test_set
+
+BATCH = 100                  # every model call runs at this batch size (padded), so each graph is compiled once
+QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles
+LABEL_H = 14                 # pixels of the caption strip above each panel
+PANEL_GAP = 12               # pixels between panels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The latent grids: numpy in, numpy out. Each returns one array per layer, bottom first, shaped
+# (panels, rows, cols, d_l): image (p, r, c) of the figure is generated from eps_l[p, r, c] for every l.
+# ---------------------------------------------------------------------------------------------------------
+
+def normal_quantiles(n: int, lo: float = QUANTILES[0], hi: float = QUANTILES[1]) -> np.ndarray:
+    """The inverse standard-normal CDF at n evenly spaced probabilities from lo to hi: equal prior mass between
+    neighbours, so a grid of them covers the prior N(0, 1) as evenly as samples from it would."""
+    return np.array([statistics.NormalDist().inv_cdf(p) for p in np.linspace(lo, hi, n)], np.float32)
+
+
+def quantile_grid(n: int) -> np.ndarray:
+    """(n, n, 2): point [r, c] = (q_c, q_r), so the first code unit grows left to right, the second top to bottom."""
+    q = normal_quantiles(n)
+    return np.stack(np.meshgrid(q, q), axis=-1)
+
+
+def grid_sweep(dims: tuple, layer: int, n: int, panels: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Fig. 5: layer `layer` (1-based, a 2-D code) on an n x n quantile grid; every other layer drawn once per panel
+    from N(0, I) and held fixed across it. Draws go panel by panel, so panel 0 does not depend on `panels`."""
+    if dims[layer - 1] != 2: raise ValueError(f"layer {layer} has a {dims[layer - 1]}-D code; a grid needs 2-D")
+    fixed = [[rng.standard_normal(d) for d in dims] for _ in range(panels)]
+    eps = [np.stack([np.broadcast_to(f[i], (n, n, d)) for f in fixed]) for i, d in enumerate(dims)]
+    eps[layer - 1] = np.broadcast_to(quantile_grid(n), (panels, n, n, 2))
+    return [e.astype(np.float32) for e in eps]
+
+
+def row_sweep(dims: tuple, layer: int, rows: int, cols: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Fig. 3, 6, 7: each row holds one draw of every other layer; the columns resample layer `layer` (1-based),
+    the same column draws in every row, so a column shows one value of that layer in different contexts.
+    A 1-D code is swept over Gaussian quantiles instead of being resampled. One panel: (1, rows, cols, d_l)."""
+    fixed = [[rng.standard_normal(d) for d in dims] for _ in range(rows)]
+    eps = [np.stack([np.broadcast_to(f[i], (cols, d)) for f in fixed])[None] for i, d in enumerate(dims)]
+    d = dims[layer - 1]
+    swept = normal_quantiles(cols)[:, None] if d == 1 else rng.standard_normal((cols, d))
+    eps[layer - 1] = np.broadcast_to(swept, (1, rows, cols, d))
+    return [e.astype(np.float32) for e in eps]
+
+
+def is_grid(model_name: str, dims: tuple, layer: int) -> bool:
+    """A VLAE layer with a 2-D code is swept over a grid (Fig. 5); anything else is resampled (Fig. 3, 6, 7)."""
+    return model_name == "vlae" and dims[layer - 1] == 2
+
+
+def layer_sweep(model_name: str, dims: tuple, layer: int, n: int, panels: int, seed: int) -> list[np.ndarray]:
+    """The noise `--sweep-layer layer` decodes: grid_sweep where is_grid, else row_sweep (for an HVAE these are the
+    eps of Eq. 15, not z). Seeded per layer, so sweep-all.png shows the first panel of each sweep-layerN.png."""
+    rng = np.random.default_rng([seed, layer])
+    if is_grid(model_name, dims, layer): return grid_sweep(dims, layer, n, panels, rng)
+    return row_sweep(dims, layer, n, n, rng)
+
+
+def shown_states(steps: int, n: int) -> np.ndarray:
+    """At most n chain states, evenly spaced from the start (0) to the last (steps)."""
+    return np.unique(np.linspace(0, steps, min(n, steps + 1)).round().astype(int))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model calls, BATCH rows at a time
+# ---------------------------------------------------------------------------------------------------------
+
+def batched(fn, arrays: list[np.ndarray]) -> np.ndarray:
+    """fn(list of (BATCH, ...) Tensors) -> Tensor, applied to the rows of arrays; the last chunk is padded with
+    copies of its last row, so every call has the same shape and a jitted fn compiles once."""
+    n, out = len(arrays[0]), []
+    for i in range(0, n, BATCH):
+        chunk = [a[i:i + BATCH] for a in arrays]
+        pad = BATCH - len(chunk[0])
+        chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) if pad else c for c in chunk]
+        out.append(fn([Tensor(np.ascontiguousarray(c, dtype=np.float32)) for c in chunk]).numpy()[:BATCH - pad])
+    return np.concatenate(out)
+
+
+def generate(model, eps: list[np.ndarray]) -> np.ndarray:
+    """eps per layer (..., d_l) -> images (..., C, H, W), means of p(x | z) in [0, 1]."""
+    lead = eps[0].shape[:-1]
+    images = batched(model.generate_jit, [e.reshape(-1, e.shape[-1]) for e in eps])
+    return images.reshape(*lead, *images.shape[1:])
+
+
+def reconstruct(model, x: np.ndarray) -> np.ndarray:
+    """x (N, C, H, W) -> images decoded from the posterior means mu_l(x) (Eq. 13)."""
+    return batched(lambda xb: model.decode([mu for mu, _ in model.encode_jit(xb[0])]), [x])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------
+
+def panel(images: np.ndarray, scale: int) -> np.ndarray:
+    """(rows, cols, C, H, W) -> one image_grid."""
+    rows, cols = images.shape[:2]
+    return image_grid(images.reshape(rows * cols, *images.shape[2:]), cols, scale=scale)
+
+
+def side_by_side(grids: list[np.ndarray], labels: list[str]) -> np.ndarray:
+    """Panels from image_grid (H, W, C uint8) placed left to right, PANEL_GAP apart, each under its label."""
+    from PIL import Image, ImageDraw
+    h, c = max(g.shape[0] for g in grids), grids[0].shape[2]
+    canvas = np.full((LABEL_H + h, sum(g.shape[1] for g in grids) + PANEL_GAP * (len(grids) - 1), c), 255, np.uint8)
+    lefts = np.cumsum([0] + [g.shape[1] + PANEL_GAP for g in grids[:-1]])
+    for g, left in zip(grids, lefts): canvas[LABEL_H:LABEL_H + g.shape[0], left:left + g.shape[1]] = g
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    draw = ImageDraw.Draw(img)
+    for label, left in zip(labels, lefts): draw.text((int(left) + 2, 1), label, fill=0 if c == 1 else (0, 0, 0))
+    return np.asarray(img).reshape(canvas.shape)
+
+
+def where(layer: int, L: int) -> str:
+    return " (bottom)" if layer == 1 else " (top)" if layer == L else ""
+
+
+def what_varies(cfg, layer: int) -> str:
+    name = f"{'eps' if cfg.model == 'hvae' else 'z'}_{layer}"
+    if is_grid(cfg.model, cfg.latent_dims, layer): return f"{name} on a grid"
+    if cfg.latent_dims[layer - 1] == 1: return f"{name} swept across, context down"
+    return f"columns resample {name}, context down"
+
+
+def sweep_figure(model, tag: str, layer: int, args) -> tuple[np.ndarray, str]:
+    """sweep-layerN.png: the panels of layer_sweep side by side."""
+    cfg, L, n = model.cfg, model.L, args.grid
+    eps = layer_sweep(cfg.model, cfg.latent_dims, layer, n, args.panels, args.seed)
+    images = generate(model, eps)                                   # (panels, rows, cols, C, H, W)
+    head = f"{tag}: layer {layer} of {L}{where(layer, L)} varies"
+    if is_grid(cfg.model, cfg.latent_dims, layer):
+        lo, hi = QUANTILES
+        head += (f": z_{layer} on a {n}x{n} grid of N(0,1) quantiles {lo:g}..{hi:g} (unit 1 across, unit 2 down); "
+                 f"the other layers drawn once per panel")
+        labels = [f"other layers: draw {p + 1}" for p in range(len(images))]
+    else:
+        head += "; each row holds one draw of the other layers"
+        labels = [what_varies(cfg, layer)]
+    return side_by_side([panel(p, args.scale) for p in images], labels), head
+
+
+def sweep_all_figure(model, tag: str, args) -> tuple[np.ndarray, str]:
+    """sweep-all.png: the first panel of every layer's sweep, bottom layer on the left (Fig. 3, Fig. 5)."""
+    cfg, L = model.cfg, model.L
+    grids, labels = [], []
+    for layer in range(1, L + 1):
+        eps = layer_sweep(cfg.model, cfg.latent_dims, layer, args.grid, 1, args.seed)
+        grids.append(panel(generate(model, eps)[0], args.scale))
+        labels.append(f"layer {layer}{where(layer, L)}: {what_varies(cfg, layer)}")
+    head = f"{tag}: each panel varies one layer and holds the others fixed; layer 1 (bottom) left, {L} (top) right"
+    return side_by_side(grids, labels), head
+
+
+def gibbs_figure(model, tag: str, args) -> tuple[np.ndarray, str]:
+    """gibbs.png (Fig. 2): chains of Proposition 1 from uniform noise (one per row, states left to right) next to
+    as many ancestral samples (Eq. 15) of the same model."""
+    rng = np.random.default_rng([args.seed, 0])
+    n = args.grid
+    x0 = rng.random((n, *model.cfg.image_shape), dtype=np.float32)
+    Tensor.manual_seed(args.seed)                                   # gibbs_chain draws its step noise in tinygrad
+    chain = model.gibbs_chain(Tensor(x0), args.gibbs, sample_x=not args.chain_means)   # (steps + 1, n, C, H, W)
+    idx = shown_states(args.gibbs, n)
+    states = chain[idx].swapaxes(0, 1)                                                  # (n, states, C, H, W)
+    eps = [rng.standard_normal((n, len(idx), d)).astype(np.float32) for d in model.cfg.latent_dims]
+    labels = [f"Gibbs chain, bottom layer only: states {', '.join(map(str, idx[:4]))}{' ...' if len(idx) > 4 else ''}",
+              "ancestral samples, whole model (Eq. 15)"]
+    head = (f"{tag}: Proposition 1 chain z_1 ~ q(z_1|x), x ~ p(x|z_1), {args.gibbs} steps from noise "
+            f"({'means' if args.chain_means else 'samples'} of p(x|z_1)) | ancestral samples")
+    return side_by_side([panel(states, args.scale), panel(generate(model, eps), args.scale)], labels), head
+
+
+def prior_figure(model, tag: str, args) -> tuple[np.ndarray, str]:
+    """prior.png: eps ~ N(0, I) * temperature decoded by the model (for an HVAE, ancestral sampling, Eq. 15)."""
+    rng = np.random.default_rng([args.seed, 0])
+    eps = [rng.standard_normal((args.grid, args.grid, d)).astype(np.float32) * args.temperature
+           for d in model.cfg.latent_dims]
+    kind = "ancestral samples (Eq. 15)" if model.cfg.model == "hvae" else "samples from the prior N(0, I)"
+    return panel(generate(model, eps), args.scale), f"{tag}: {kind}, temperature {args.temperature:g}"
+
+
+def reconstruction_figure(model, tag: str, meta: dict, args) -> tuple[np.ndarray, str]:
+    """reconstructions.png: rows of test images, each over the images decoded from their posterior means."""
+    ds = load_dataset(meta.get("train", {}).get("dataset", "mnist"), args.data_dir)
+    test_x = binarized_test_set(ds.test_x) if model.cfg.likelihood == "bernoulli" else ds.test_x
+    n, pairs = args.grid, max(1, args.grid // 2)
+    x = test_x[np.random.default_rng([args.seed, 0]).choice(len(test_x), n * pairs, replace=False)]
+    recon = reconstruct(model, x)
+    rows = np.stack([x.reshape(pairs, n, *x.shape[1:]), recon.reshape(pairs, n, *x.shape[1:])], 1)
+    return panel(rows.reshape(2 * pairs, n, *x.shape[1:]), args.scale), \
+        f"{tag}: test images (odd rows) over their reconstructions from the posterior means (even rows)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Layer sweeps and the paper's figures from a VLAE or HVAE checkpoint.")
+    p.add_argument("--run", default="out/mnist-vlae",
+                   help="run folder (or checkpoint file) written by train.py (default %(default)s)")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: the run folder)")
+    p.add_argument("--sweep-layer", default=None, metavar="N|all",
+                   help="vary layer N (1 = bottom) with the others fixed: sweep-layerN.png; 'all': sweep-all.png")
+    p.add_argument("--grid", type=int, default=10, help="images per side of each panel (default %(default)s)")
+    p.add_argument("--panels", type=int, default=3,
+                   help="panels of a 2-D grid sweep, each with its own fixed draw of the other layers "
+                        "(default %(default)s)")
+    p.add_argument("--gibbs", type=int, default=None, metavar="STEPS",
+                   help="HVAE: run the bottom-layer Gibbs chain of Proposition 1 for STEPS steps: gibbs.png")
+    p.add_argument("--chain-means", action="store_true",
+                   help="with --gibbs: feed the chain the means of p(x|z_1) instead of samples (less noisy states, "
+                        "but no longer the chain of Proposition 1: it tends to stall at one image)")
+    p.add_argument("--prior", "--ancestral", action="store_true",
+                   help="samples from the prior (ancestral sampling, Eq. 15, for an HVAE): prior.png")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="with --prior: scale of the noise eps (default %(default)s)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="test images over their reconstructions: reconstructions.png")
+    p.add_argument("--data-dir", default=None, help="folder holding <dataset>/ (default $VLAE_DATA, then ./data)")
+    p.add_argument("--scale", type=int, default=2, help="pixels per image pixel in the PNGs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of all the noise: the same seed gives the same PNGs (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    for flag, value in (("--grid", args.grid), ("--panels", args.panels), ("--scale", args.scale)):
+        if value < 1: raise UserError(f"{flag} must be >= 1 (got {value})")
+    if args.gibbs is not None and args.gibbs < 1: raise UserError(f"--gibbs must be >= 1 step (got {args.gibbs})")
+    if not args.temperature >= 0: raise UserError(f"--temperature must be >= 0 (got {args.temperature})")
+    if args.sweep_layer not in (None, "all") and not args.sweep_layer.isdigit():
+        raise UserError(f"--sweep-layer {args.sweep_layer}: give a layer number (1 = bottom) or 'all'")
+
+
+def check_model_args(args, model) -> list:
+    """The flags that depend on the model; returns the sweeps asked for: [], ['all'] or [N] with 1 <= N <= L."""
+    if args.gibbs and model.cfg.model != "hvae":
+        raise UserError("--gibbs runs the chain of Proposition 1, which is about the stacked HVAE: pass the run "
+                        "folder of one, e.g. --run out/mnist-hvae (train it with `python train.py --model hvae`)")
+    L = model.L
+    if args.sweep_layer is None: return []
+    if args.sweep_layer == "all": return ["all"]
+    if not 1 <= int(args.sweep_layer) <= L:
+        raise UserError(f"--sweep-layer {args.sweep_layer}: this model has layers 1 (bottom) to {L} (top); "
+                        f"give one of them or 'all'")
+    return [int(args.sweep_layer)]
+
+
+def sample(args) -> list[Path]:
+    """Draw every figure the flags ask for; returns the paths written."""
+    check_args(args)
+    run = Path(args.run)
+    if not run.is_file() and not (run / CHECKPOINT).exists():
+        model_flag = " --model hvae" if "hvae" in run.name else ""
+        out_flag = "" if run == Path(f"out/mnist-{'hvae' if model_flag else 'vlae'}") else f" --out {run}"
+        raise UserError(f"no checkpoint in {run}: train one first with `python train.py --dataset mnist{model_flag}"
+                        f"{out_flag}`, or point --run at a run folder that holds {CHECKPOINT}")
+    model, meta = load_model(run)
+    out = Path(args.out) if args.out else (run.parent if run.is_file() else run)
+    sweeps = check_model_args(args, model)
+    if not (sweeps or args.gibbs or args.prior or args.reconstruct): sweeps = ["all"]
+    cfg = model.cfg
+    tag = f"{cfg.model.upper()} {cfg.size} {'/'.join(map(str, cfg.latent_dims))}, epoch {meta.get('epoch', '?')}"
+    figures = []
+    for s in sweeps:
+        if s == "all": figures.append(("sweep-all.png", *sweep_all_figure(model, tag, args)))
+        else: figures.append((f"sweep-layer{s}.png", *sweep_figure(model, tag, s, args)))
+    if args.gibbs: figures.append(("gibbs.png", *gibbs_figure(model, tag, args)))
+    if args.prior: figures.append(("prior.png", *prior_figure(model, tag, args)))
+    if args.reconstruct: figures.append(("reconstructions.png", *reconstruction_figure(model, tag, meta, args)))
+    try:
+        return [save_png(grid, out / name, head) for name, grid, head in figures]
+    except OSError as e:
+        raise UserError(f"could not write to {out} ({e.strerror}); choose another --out") from None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        for path in sample(args): print(path)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
