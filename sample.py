@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
 from data import DataError, load_dataset, image_grid, save_png
-from train import CHECKPOINT, UserError, load_model, binarized_test_set
+from train import UserError, load_model, binarized_test_set
 
 BATCH = 100                  # every model call runs at this batch size (padded), so each graph is compiled once
 QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles
@@ -272,11 +272,6 @@ def sample(args) -> list[Path]:
     """Draw every figure the flags ask for; returns the paths written."""
     check_args(args)
     run = Path(args.run)
-    if not run.is_file() and not (run / CHECKPOINT).exists():
-        model_flag = " --model hvae" if "hvae" in run.name else ""
-        out_flag = "" if run == Path(f"out/mnist-{'hvae' if model_flag else 'vlae'}") else f" --out {run}"
-        raise UserError(f"no checkpoint in {run}: train one first with `python train.py --dataset mnist{model_flag}"
-                        f"{out_flag}`, or point --run at a run folder that holds {CHECKPOINT}")
     model, meta = load_model(run)
     out = Path(args.out) if args.out else (run.parent if run.is_file() else run)
     sweeps = check_model_args(args, model)

@@ -70,10 +70,13 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
     """The tensors and the decoded metadata of a checkpoint, or a UserError saying what to do."""
-    if path.is_dir(): path = path / CHECKPOINT
+    if path.is_dir() or not path.suffix: path = path / CHECKPOINT
     if not path.exists():
-        raise UserError(f"no checkpoint at {path}: train one first with `python train.py --dataset mnist` "
-                        f"(or pass the run folder it wrote)")
+        run, model = path.parent, "hvae" if "hvae" in path.parent.name else "vlae"
+        command = "python train.py --dataset mnist" + (" --model hvae" if model == "hvae" else "")
+        if run != Path(f"out/mnist-{model}"): command += f" --out {run}"
+        raise UserError(f"no checkpoint in {run}: train one first with `{command}`, or point at a run folder "
+                        f"that holds {CHECKPOINT}")
     try:
         _, _, header = safe_load_metadata(str(path))
         meta = {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
