@@ -156,6 +156,13 @@ def image_grid(images: np.ndarray, nrow: int, gutter: int = 2, scale: int = 1, b
     return grid.repeat(scale, 0).repeat(scale, 1) if scale > 1 else grid
 
 
+def over_each_other(top: np.ndarray, bottom: np.ndarray, ncol: int) -> np.ndarray:
+    """Rows of ncol images from top, each followed by the matching row from bottom (e.g. test images over their
+    reconstructions): (N, C, H, W) twice -> (2N, C, H, W) for image_grid(..., ncol)."""
+    rows = [part for r in range(0, len(top), ncol) for part in (top[r:r + ncol], bottom[r:r + ncol])]
+    return np.concatenate(rows)
+
+
 def save_png(grid: np.ndarray, path, header: str | None = None) -> Path:
     """Write a grid from image_grid as PNG, with an optional one-line text header above it."""
     from PIL import Image, ImageDraw

@@ -16,10 +16,9 @@ import argparse, statistics, sys
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
-from data import DataError, load_dataset, image_grid, save_png
-from train import UserError, load_model, binarized_test_set
+from data import DataError, load_dataset, image_grid, over_each_other, save_png
+from train import UserError, batched, binarized_test_set, load_model
 
-BATCH = 100                  # every model call runs at this batch size (padded), so each graph is compiled once
 QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles
 LABEL_H = 14                 # pixels of the caption strip above each panel
 PANEL_GAP = 12               # pixels between panels
@@ -83,20 +82,8 @@ def shown_states(steps: int, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model calls, BATCH rows at a time
+# Model calls, train.BATCH rows at a time (train.batched pads the last chunk, so each graph compiles once)
 # ---------------------------------------------------------------------------------------------------------
-
-def batched(fn, arrays: list[np.ndarray]) -> np.ndarray:
-    """fn(list of (BATCH, ...) Tensors) -> Tensor, applied to the rows of arrays; the last chunk is padded with
-    copies of its last row, so every call has the same shape and a jitted fn compiles once."""
-    n, out = len(arrays[0]), []
-    for i in range(0, n, BATCH):
-        chunk = [a[i:i + BATCH] for a in arrays]
-        pad = BATCH - len(chunk[0])
-        chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) if pad else c for c in chunk]
-        out.append(fn([Tensor(np.ascontiguousarray(c, dtype=np.float32)) for c in chunk]).numpy()[:BATCH - pad])
-    return np.concatenate(out)
-
 
 def generate(model, eps: list[np.ndarray]) -> np.ndarray:
     """eps per layer (..., d_l) -> images (..., C, H, W), means of p(x | z) in [0, 1]."""
@@ -206,10 +193,8 @@ def reconstruction_figure(model, tag: str, meta: dict, args) -> tuple[np.ndarray
     test_x = binarized_test_set(ds.test_x) if model.cfg.likelihood == "bernoulli" else ds.test_x
     n, pairs = args.grid, max(1, args.grid // 2)
     x = test_x[np.random.default_rng([args.seed, 0]).choice(len(test_x), n * pairs, replace=False)]
-    recon = reconstruct(model, x)
-    rows = np.stack([x.reshape(pairs, n, *x.shape[1:]), recon.reshape(pairs, n, *x.shape[1:])], 1)
-    return panel(rows.reshape(2 * pairs, n, *x.shape[1:]), args.scale), \
-        f"{tag}: test images (odd rows) over their reconstructions from the posterior means (even rows)"
+    grid = image_grid(over_each_other(x, reconstruct(model, x), n), n, scale=args.scale)
+    return grid, f"{tag}: test images (odd rows) over their reconstructions from the posterior means (even rows)"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, Device, Context, nn
 from tinygrad.helpers import tqdm
 from tinygrad.nn.state import get_state_dict, safe_save, safe_load, safe_load_metadata, load_state_dict
-from data import DataError, load_dataset, batches, image_grid, save_png
+from data import DataError, load_dataset, batches, image_grid, over_each_other, save_png
 from vlae import VLAE, ModelConfig, SIZES, default_size, n_params
 from hvae import HVAE
 
 MODELS = {"vlae": VLAE, "hvae": HVAE}
 CHECKPOINT = "checkpoint.safetensors"
-EVAL_BATCH = 100
+BATCH = 100                 # evaluation and sampling run at this batch size (padded): one compile each
 DEFAULT_EPOCHS = 3
 
 
@@ -88,12 +88,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
     return state, meta
 
 
+def load_part(obj, state: dict[str, Tensor], prefix: str) -> None:
+    """Copy the checkpoint tensors named prefix.* into obj (a model, or the dict of optimizer_state)."""
+    load_state_dict(obj, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, verbose=False)
+
+
 def load_model(path: Path):
     """Rebuild a model from the config stored in a checkpoint and load its weights (for sample.py, evaluate.py)."""
     state, meta = read_checkpoint(path)
     cfg = ModelConfig(**meta["config"])
     model = build_model(cfg)
-    load_state_dict(model, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, verbose=False)
+    load_part(model, state, "model.")
     return model, meta
 
 
@@ -138,16 +143,23 @@ class Trainer:
         return parts.realize(), recon_mean.realize()
 
     def evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ELBO parts for every row of x (eval mode), and the reconstructions of the first batch."""
-        parts, first = [], None
-        for i in range(0, len(x), EVAL_BATCH):
-            xb = x[i:i + EVAL_BATCH]
-            n = len(xb)
-            if n < EVAL_BATCH: xb = np.concatenate([xb, np.repeat(xb[-1:], EVAL_BATCH - n, 0)])  # fixed jit shape
-            p, r = self.evaluate_batch(Tensor(xb))
-            parts.append(p.numpy()[:n])
-            if first is None: first = r.numpy()
-        return np.concatenate(parts), first
+        """ELBO parts (N, 2+L) for every row of x (eval mode), and the reconstructions (N, C, H, W)."""
+        return batched(lambda xb: self.evaluate_batch(xb[0]), [x])
+
+
+def batched(fn, arrays: list[np.ndarray]):
+    """fn(list of (BATCH, ...) Tensors) -> Tensor or tuple of Tensors, applied to the rows of arrays, outputs
+    concatenated as numpy. The last chunk is padded with copies of its last row, so every call has the same shape
+    and a jitted fn compiles once."""
+    n, outs = len(arrays[0]), []
+    for i in range(0, n, BATCH):
+        chunk = [a[i:i + BATCH] for a in arrays]
+        pad = BATCH - len(chunk[0])
+        chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) if pad else c for c in chunk]
+        ret = fn([Tensor(np.ascontiguousarray(c, dtype=np.float32)) for c in chunk])
+        outs.append([r.numpy()[:BATCH - pad] for r in (ret if isinstance(ret, tuple) else (ret,))])
+    cat = [np.concatenate(parts) for parts in zip(*outs)]
+    return tuple(cat) if len(cat) > 1 else cat[0]
 
 
 def binarized_test_set(x: np.ndarray) -> np.ndarray:
@@ -161,9 +173,7 @@ def write_pngs(trainer: Trainer, out: Path, test_x: np.ndarray, recon: np.ndarra
     eps = [Tensor(rng.standard_normal((100, d)).astype(np.float32)) for d in model.cfg.latent_dims]
     samples = model.generate_jit(eps).numpy()
     save_png(image_grid(samples, 10, scale=2), out / "samples.png", f"{tag} prior samples, epoch {epoch}")
-    n = 10
-    pairs = np.concatenate([np.concatenate([test_x[r * n:(r + 1) * n], recon[r * n:(r + 1) * n]]) for r in range(3)])
-    save_png(image_grid(pairs, n, scale=2), out / "reconstructions.png",
+    save_png(image_grid(over_each_other(test_x[:30], recon[:30], 10), 10, scale=2), out / "reconstructions.png",
              f"{tag} test images (odd rows) and reconstructions, epoch {epoch}")
 
 
@@ -262,9 +272,8 @@ def train(args) -> dict:
     trainer = Trainer(model, args.lr)
     step, epoch = 0, 0
     if args.resume:
-        load_state_dict(model, {k[6:]: v for k, v in state.items() if k.startswith("model.")}, verbose=False)
-        load_state_dict(optimizer_state(trainer.opt), {k[6:]: v for k, v in state.items() if k.startswith("optim.")},
-                        verbose=False)
+        load_part(model, state, "model.")
+        load_part(optimizer_state(trainer.opt), state, "optim.")
         rng_counter().assign(state["rng.counter"].to(Device.DEFAULT)).realize()
         step, epoch = meta["step"], meta["epoch"]
     epochs = args.epochs or (meta["train"]["epochs"] if args.resume else DEFAULT_EPOCHS)
