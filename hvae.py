@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, TinyJit
 from vlae import (ELBO, LatentModel, ModelConfig, GaussianHead, conv_encoder, conv_features, conv_decoder, dense,
-                  gaussian_log_prob, init_weights, log_likelihood, lrelu, relu, reparameterize)
+                  gaussian_log_prob, init_weights, log_likelihood, lrelu, relu, reparameterize,
+                  standard_normal_log_prob)
 
 
 class HVAE(LatentModel):
@@ -53,22 +54,27 @@ class HVAE(LatentModel):
         """Logits of p(x | z_1); the Markov model never looks at z_2..z_L here."""
         return zs[0].sequential(self.p_x)
 
-    def elbo(self, x: Tensor) -> ELBO:
-        """Eq. 5 with one reparameterized sample per layer:
+    def elbo(self, x: Tensor, eps: list[Tensor] | None = None) -> ELBO:
+        """Eq. 5 with one reparameterized sample per layer (drawn here, or z_l = mu_l + sigma_l * eps_l):
         log p(x | z_1) + sum_l [log p(z_l | z_{l+1}) - log q(z_l | z_{l-1})], z_0 = x, p(z_L) = N(0, I).
         kl[l] is the single-sample estimate log q(z_l | .) - log p(z_l | .) of layer l's share."""
         zs, log_q, h = [], [], x
-        for q in self.q:
+        for i, q in enumerate(self.q):
             mu, sigma = h.sequential(q)
-            z = reparameterize(mu, sigma)
+            z = reparameterize(mu, sigma, None if eps is None else eps[i])
             zs.append(z)
             log_q.append(gaussian_log_prob(z, mu, sigma))
             h = z
         log_p = [gaussian_log_prob(z, mu, sigma) for z, (mu, sigma) in zip(zs, self.prior_params(zs))]
-        log_p.append(gaussian_log_prob(zs[-1], Tensor.zeros(1, 1), Tensor.ones(1, 1)))   # p(z_L) = N(0, I)
+        log_p.append(standard_normal_log_prob(zs[-1]))                                   # p(z_L) = N(0, I)
         recon = log_likelihood(x, self.decode_logits(zs), self.cfg)
         kl = [lq - lp for lq, lp in zip(log_q, log_p)]
         return ELBO(recon - sum(kl[1:], kl[0]), recon, kl)
+
+    def log_weight(self, x: Tensor, eps: list[Tensor]) -> Tensor:
+        """log w = log p(x, z) - log q(z | x) (B,) for the z that eps gives: Eq. 5's single-sample ELBO is exactly one
+        importance weight of the IW bound (Burda et al. 2015)."""
+        return self.elbo(x, eps).elbo
 
     def generate_latents(self, eps: list[Tensor]) -> list[Tensor]:
         """Eq. 15: z_L = eps_L, z_l = mu_l(z_{l+1}) + sigma_l(z_{l+1}) * eps_l, top down; eps bottom first."""

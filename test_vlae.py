@@ -17,6 +17,7 @@ from PIL import Image
 from tinygrad import Tensor, Context, nn
 from tinygrad.nn.state import get_state_dict
 import data
+import evaluate
 import sample
 import train
 from vlae import VLAE, ModelConfig, gaussian_kl, gaussian_log_prob, log_likelihood, n_params
@@ -447,3 +448,96 @@ def test_user_errors_are_one_line(run, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and re.search(msg, err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- evaluate.py
+
+def bar(width: int = 2, height: int = 16, shear: float = 0.0, size: int = 28) -> np.ndarray:
+    """A synthetic stroke: a vertical bar `width` pixels wide, each row shifted right by shear * (rows above the
+    middle), so shear > 0 leans right like an italic 1."""
+    img = np.zeros((size, size), np.float32)
+    top = (size - height) // 2
+    for y in range(top, top + height):
+        x0 = int(round(size / 2 - width / 2 + shear * (size / 2 - y)))
+        img[y, x0:x0 + width] = 1
+    return img
+
+
+def test_attributes_on_synthetic_strokes():
+    thin, thick, leaning, wide = bar(2), bar(4), bar(2, shear=0.5), bar(8, height=12)
+    a = evaluate.attributes(np.stack([thin, thick, leaning, wide]))
+    assert a["thickness"][1] > 1.5 * a["thickness"][0] > 0                       # thicker strokes, larger thickness
+    assert a["slant"][2] > 0.4 and abs(a["slant"][0]) < 0.05                     # leaning right, upright
+    assert a["width"][3] > 2 * a["width"][0]                                     # wider, wider
+    assert abs(a["width"][2] - a["width"][0]) < 0.3                              # the shear is not counted as width
+    ring = np.zeros((28, 28), np.float32)                                        # a 0 drawn with a 3-pixel pen
+    yy, xx = np.mgrid[:28, :28]
+    r = np.hypot(yy - 13.5, xx - 13.5)
+    ring[(r > 5) & (r <= 8)] = 1
+    assert 2.2 < evaluate.attributes(ring[None])["thickness"][0] < 3.3           # about the pen width
+
+
+def test_active_units_and_frechet_distance():
+    rng = np.random.default_rng(0)
+    means = rng.standard_normal((5000, 4)) * np.sqrt([1.0, 0.05, 0.005, 0.0])    # Cov_x per unit: 1, .05, .005, 0
+    var, n_active = evaluate.active_units(means)
+    assert n_active == 2 and np.allclose(var, [1.0, 0.05, 0.005, 0.0], rtol=0.1, atol=1e-3)
+    a, b = rng.standard_normal((4000, 3)), rng.standard_normal((4000, 3))
+    assert abs(evaluate.frechet_distance(a, b)) < 0.05                            # same distribution: about 0
+    # Gaussians N(m, s^2 I) and N(0, I) in 3-d: |m|^2 + 3 (s - 1)^2
+    assert evaluate.frechet_distance(a * 2 + 1, b) == pytest.approx(3 * 1 + 3 * 1, rel=0.05)
+    assert evaluate.label_entropy(np.arange(1000) % 10) == pytest.approx(math.log(10))
+    assert evaluate.label_entropy(np.zeros(50, int)) == 0
+
+
+def test_iw_bound_grows_with_k_towards_log_mean_w():
+    """Importance weights with log w ~ N(m, s^2) have log E[w] = m + s^2 / 2: IW-1 estimates m, IW-k grows with k
+    (never decreasing, by Jensen on the nested groups) and approaches m + s^2 / 2."""
+    m, s = -3.0, 1.0
+    log_w = np.random.default_rng(0).normal(m, s, (200, 1000))
+    bounds = evaluate.iw_bounds(log_w, [1, 10, 100, 1000])
+    means = [bounds[k].mean() for k in (1, 10, 100, 1000)]
+    assert all(b >= a for a, b in zip(means, means[1:])) and (bounds[1000] >= bounds[1] - 1e-12).all()
+    assert means[0] == pytest.approx(m, abs=0.01) and means[-1] == pytest.approx(m + s * s / 2, abs=0.05)
+
+
+def test_evaluate_report_end_to_end(run, tmp_path, capsys):
+    """The whole report on the untrained tiny checkpoint, with an untrained cached classifier (training the real
+    one takes minutes): the JSON and the markdown hold every section, and the numbers are consistent."""
+    mnist_folder()
+    clf_path = tmp_path / "clf.safetensors"
+    Tensor.manual_seed(0)
+    train.atomic_safe_save(get_state_dict(evaluate.Classifier()), clf_path, {"test_accuracy": 0.1, "epochs": 0})
+    argv = ["--run", str(run), "--k", "100", "--iw-images", "10", "--bases", "3", "--resamples", "2",
+            "--samples", "30", "--classifier", str(clf_path), "--out", str(tmp_path / "ev.json")]
+    assert evaluate.main(argv) == 0
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "ev.json").read_text())
+    like = r["likelihood"]
+    assert like["test_images"] == 10000 and set(like["iw"]) == {"1", "10", "100"}
+    iw = [like["iw"][k]["bound"] for k in ("1", "10", "100")]
+    # the tiny model's log_weight: IW-1 (sampled KL) agrees with the closed-form-KL ELBO on the same images, and
+    # the bound grows with k (a wrong sign of log p(z) or log q(z|x) breaks both)
+    assert iw[0] <= iw[1] <= iw[2] and iw[2] > like["subset_elbo"]
+    assert abs(iw[0] - like["subset_elbo"]) < 0.5
+    assert len(r["layers"]["raw"]) == 3
+    assert all(abs(sum(v) - 1) < 1e-6 or sum(v) == 0 for v in r["layers"]["normalised"].values())
+    assert set(r["samples"]) == {"ancestral", "mnist_train"} and r["classifier"]["test_accuracy"] == 0.1
+    for text in ("IW-100, 10 test images", "active units", "Fig. 5 hierarchy", "Frechet distance", "| z_3 (top) |"):
+        assert text in out, text
+
+
+def test_evaluate_errors_are_one_line(run, tmp_path, capsys):
+    broken = tmp_path / "clf.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    cases = [(["--run", str(tmp_path / "none")], "no checkpoint in .*: train one first"),
+             (["--run", str(run), "--k", "0"], "--k must be >= 1"),
+             (["--run", str(run), "--resamples", "1"], "--resamples must be >= 2"),
+             (["--run", str(run), "--iw-images", "20000"], "test set has only 10000 images")]
+    for argv, msg in cases:
+        assert evaluate.main(argv + ["--out", str(tmp_path / "ev.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(msg, err[0]), err
+    with pytest.raises(train.UserError, match="not a readable classifier .* delete it"):
+        evaluate.load_classifier(broken, None, 1)
+    assert not (tmp_path / "ev.json").exists()

@@ -57,6 +57,11 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
     state = {f"model.{k}": v for k, v in get_state_dict(model).items()}
     state |= {f"optim.{k}": v for k, v in optimizer_state(opt).items()}
     state["rng.counter"] = rng_counter()
+    atomic_safe_save(state, path, meta)
+
+
+def atomic_safe_save(state: dict[str, Tensor], path: Path, meta: dict) -> None:
+    """safe_save with JSON metadata, written to a temporary file, flushed and renamed over `path`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         safe_save(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
@@ -64,8 +69,8 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write checkpoint {path} ({e.strerror}); free disk space or choose another --out. "
-                        f"The previous checkpoint, if any, is untouched") from None
+        raise UserError(f"could not write {path} ({e.strerror}); free disk space or choose another --out. "
+                        f"The previous file, if any, is untouched") from None
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
@@ -120,7 +125,6 @@ class Trainer:
         L = len(model.cfg.latent_dims)
         self.totals = Tensor.zeros(2 + L).contiguous().realize()   # running sums of (loss, recon, kl_1..kl_L)
         self.step = TinyJit(self._step)
-        self.evaluate_batch = TinyJit(self._evaluate_batch)
 
     def _step(self, x: Tensor, beta: Tensor) -> Tensor:
         """One Adam step on a batch x (B, C, H, W); returns (loss, recon, kl_1..kl_L) of this batch."""
@@ -135,16 +139,18 @@ class Trainer:
             Tensor.realize(stats, self.totals.assign(self.totals + stats))
             return stats
 
-    def _evaluate_batch(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-example (elbo, recon, kl_1..kl_L) (B, 2+L) and reconstructions decoded from the posterior means."""
-        out = self.model.elbo(x)
-        parts = Tensor.stack(out.elbo, out.recon, *out.kl, dim=1)
-        recon_mean = self.model.decode([mu for mu, _ in self.model.encode(x)])
-        return parts.realize(), recon_mean.realize()
 
-    def evaluate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ELBO parts (N, 2+L) for every row of x (eval mode), and the reconstructions (N, C, H, W)."""
-        return batched(lambda xb: self.evaluate_batch(xb[0]), [x])
+
+def evaluate(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example ELBO parts (N, 2+L): elbo, recon, kl_1..kl_L, for every row of x (eval mode: BatchNorm uses its
+    running statistics), and the images decoded from the posterior means (N, C, H, W)."""
+    if not hasattr(model, "_evaluate_jit"):
+        def parts(x: Tensor) -> tuple[Tensor, Tensor]:
+            out = model.elbo(x)
+            recon_mean = model.decode([mu for mu, _ in model.encode(x)])
+            return Tensor.stack(out.elbo, out.recon, *out.kl, dim=1).realize(), recon_mean.realize()
+        model._evaluate_jit = TinyJit(parts)
+    return batched(lambda xb: model._evaluate_jit(xb[0]), [x])
 
 
 def batched(fn, arrays: list[np.ndarray]):
@@ -311,7 +317,7 @@ def train(args) -> dict:
         epoch += 1
         train_time = time.perf_counter() - t0
         totals = trainer.totals.numpy() / steps_per_epoch
-        parts, recon = trainer.evaluate(test_x)
+        parts, recon = evaluate(model, test_x)
         metrics = {"epoch": epoch, "step": step, "kl_weight": kl_weight(step, args.kl_warmup),
                    "train_loss": float(totals[0]), "train_recon": float(totals[1]),
                    "train_kl": [float(k) for k in totals[2:]],

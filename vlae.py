@@ -130,6 +130,11 @@ def gaussian_log_prob(z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
     return lp.flatten(1).sum(axis=1)
 
 
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) per example: the prior of the VLAE's z and of the HVAE's top layer."""
+    return gaussian_log_prob(z, Tensor.zeros(1, 1), Tensor.ones(1, 1))
+
+
 def log_likelihood(x: Tensor, logits: Tensor, cfg: ModelConfig) -> Tensor:
     """log r(x; f_0(z~_1)) per example (Eq. 10). The decoder emits logits; the image mean is sigmoid(logits).
     gaussian: fixed-variance factorised Gaussian around the mean (the paper's choice), a density on [0, 1]^D.
@@ -246,6 +251,15 @@ class VLAE(LatentModel):
         recon = log_likelihood(x, self.decode_logits(zs), self.cfg)
         kl = [gaussian_kl(mu, sigma) for mu, sigma in posterior]           # closed form, per layer
         return ELBO(recon - sum(kl[1:], kl[0]), recon, kl)
+
+    def log_weight(self, x: Tensor, eps: list[Tensor]) -> Tensor:
+        """log w = log p(x|z) + log p(z) - log q(z|x) (B,) at z_l = mu_l + sigma_l * eps_l: one importance weight of
+        the IW bound (Burda et al. 2015). Its mean over eps is the ELBO of Eq. 14, here with a sampled KL."""
+        posterior = self.encode(x)
+        zs = [reparameterize(mu, sigma, e) for (mu, sigma), e in zip(posterior, eps)]
+        log_p = sum(standard_normal_log_prob(z) for z in zs)                                    # p(z) = N(0, I)
+        log_q = sum(gaussian_log_prob(z, mu, sigma) for z, (mu, sigma) in zip(zs, posterior))
+        return log_likelihood(x, self.decode_logits(zs), self.cfg) + log_p - log_q
 
     def generate(self, eps: list[Tensor]) -> Tensor:
         """The prior is N(0, I), so z_l = eps_l: images decoded from the given noise."""
