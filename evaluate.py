@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Context, nn
 from tinygrad.helpers import tqdm
-from tinygrad.nn.state import get_state_dict, safe_load, safe_load_metadata, load_state_dict
+from tinygrad.nn.state import safe_load, safe_load_metadata, load_state_dict
 from data import DataError, Dataset, batches, load_dataset
 from train import UserError, atomic_safe_save, batched, binarized_test_set, evaluate, load_model
 from sample import generate
+from vlae import weights
 
 ACTIVE = 0.01               # Burda et al. 2015: a unit is active when Cov_x(E_q[z_u]) exceeds this
 ATTRIBUTES = ("identity", "thickness", "width", "slant")
@@ -162,7 +163,7 @@ def load_classifier(path: Path, ds: Dataset, epochs: int) -> tuple[Classifier, f
     print(f"training the evaluation classifier once ({epochs} epochs); it is cached at {path}", file=sys.stderr)
     clf, accuracy = train_classifier(ds, epochs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_safe_save(get_state_dict(clf), path, {"test_accuracy": accuracy, "epochs": epochs})
+    atomic_safe_save(weights(clf), path, {"test_accuracy": accuracy, "epochs": epochs})
     print(f"classifier test accuracy {100 * accuracy:.2f}%", file=sys.stderr)
     return clf, accuracy
 
@@ -319,14 +320,15 @@ def markdown(r: dict) -> str:
                      f"{b['gain']:.2f} +- {b['gain_sem']:.2f} |")
     lines.append("")
     if cfg["likelihood"] == "gaussian":
-        lines.append(f"A Gaussian r (sigma = {cfg['sigma_x']}) is a density on continuous pixels: these numbers compare "
-                     f"between runs with the same sigma, not with published MNIST results ({PUBLISHED}), which use a "
-                     f"Bernoulli likelihood on binarized digits: train with `--likelihood bernoulli` to compare.")
+        lines.append(f"A Gaussian r (sigma = {cfg['sigma_x']}) is a density on continuous pixels: these numbers "
+                     f"compare between runs with the same sigma, not with published MNIST results ({PUBLISHED}), "
+                     f"which use a Bernoulli likelihood on binarized digits: train with `--likelihood bernoulli`.")
     else:
         lines.append(f"Bernoulli likelihood on binarized MNIST: comparable with published results, {PUBLISHED}.")
     lines.append("The ELBO rows use the closed-form KL (Eq. 14); IW-1 is the same bound with sampled KL terms, "
-                 "averaged over k samples. +- is the standard error over the subset's images: most of it is how much log p(x) varies from image to image, which the gain column (the same "
-                 "images and samples for every k) does not carry.")
+                 "averaged over k samples. +- is the standard error over the subset's images: most of it is how "
+                 "much log p(x) varies from image to image, which the gain column (the same images and samples for "
+                 "every k) does not carry.")
     au = r["active_units"]
     kl = like["test_kl"]
     lines += ["", "| layer | KL (nats) | active units (Cov_x E_q[z_u] > 0.01) | Cov_x per unit |", "|---|---|---|---|"]
@@ -352,7 +354,7 @@ def markdown(r: dict) -> str:
                                                              ("thickness", "width", "slant")) + " |")
         v = r["fig5"]
         checks = ", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in v["checks"].items())
-        claim = "Fig. 5 hierarchy" if cfg["model"] == "vlae" else "Fig. 5 hierarchy (claimed for the VLAE; for comparison)"
+        claim = "Fig. 5 hierarchy" + ("" if cfg["model"] == "vlae" else " (claimed for the VLAE; for comparison)")
         lines += ["", f"{claim}: {checks} -> {'holds' if v['holds'] else 'does not hold'}."]
         pv = norm["pixel_var"]
         shares = " / ".join(f"{p:.2f}" for p in pv)

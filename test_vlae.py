@@ -312,6 +312,9 @@ def test_training_lowers_loss_and_resumes(tmp_path, model):
     model, meta = train.load_model(out)
     assert meta["epoch"] == 2 and meta["config"]["size"] == "tiny" and meta["config"]["latent_dims"] == [2, 2, 2]
     model2, _ = train.load_model(out / train.CHECKPOINT)
+    # the model's weights exactly: not the buffers captured by the jits that training ran on the model
+    saved = nn.state.safe_load(str(out / train.CHECKPOINT))
+    assert sorted(k for k in saved if k.startswith("model.")) == sorted(f"model.{k}" for k in get_state_dict(model))
     zs = [Tensor(np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)) for _ in range(3)]
     np.testing.assert_array_equal(model.decode(zs).numpy(), model2.decode(zs).numpy())
     assert n_params(model) == n_params(model2)
@@ -541,3 +544,29 @@ def test_evaluate_errors_are_one_line(run, tmp_path, capsys):
     with pytest.raises(train.UserError, match="not a readable classifier .* delete it"):
         evaluate.load_classifier(broken, None, 1)
     assert not (tmp_path / "ev.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- bench
+
+def test_torch_mirror_has_our_parameter_count():
+    """bench/torch_mirror.py (optional: needs torch) times the same network in PyTorch: same parameter count for every
+    size and both models and combiners."""
+    pytest.importorskip("torch")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("torch_mirror", Path(__file__).parent / "bench" / "torch_mirror.py")
+    mirror = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mirror)
+    for size in ("paper", "narrow", "tiny"):
+        for model in ("vlae", "hvae"):
+            for combiner in ("concat", "gated"):
+                cfg = ModelConfig(model=model, size=size, combiner=combiner, latent_dims=(2, 3, 2))
+                assert mirror.n_params(mirror.build(cfg)) == n_params(train.build_model(cfg)), (size, model, combiner)
+
+
+def test_bench_rejects_bad_flags(capsys):
+    import bench
+    for argv, msg in [(["--size", "huge"], "--size huge: choose from"), (["--model", "gan"], "--model gan"),
+                      (["--steps", "0"], "--steps must be >= 1")]:
+        assert bench.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Device, Context, nn
 from tinygrad.helpers import tqdm
-from tinygrad.nn.state import get_state_dict, safe_save, safe_load, safe_load_metadata, load_state_dict
+from tinygrad.nn.state import safe_save, safe_load, safe_load_metadata, load_state_dict
 from data import DataError, load_dataset, batches, image_grid, over_each_other, save_png
-from vlae import VLAE, ModelConfig, SIZES, default_size, n_params
+from vlae import VLAE, ModelConfig, SIZES, default_size, n_params, weights
 from hvae import HVAE
 
 MODELS = {"vlae": VLAE, "hvae": HVAE}
@@ -54,7 +54,7 @@ def rng_counter() -> Tensor:
 def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
     """Write to a temporary file, flush it to disk, then rename over the old checkpoint: a crash at any moment
     leaves either the previous checkpoint or the new one, never a half-written file."""
-    state = {f"model.{k}": v for k, v in get_state_dict(model).items()}
+    state = {f"model.{k}": v for k, v in weights(model).items()}
     state |= {f"optim.{k}": v for k, v in optimizer_state(opt).items()}
     state["rng.counter"] = rng_counter()
     atomic_safe_save(state, path, meta)
@@ -121,7 +121,7 @@ class Trainer:
         self.model = model
         # Adam splits these into parameters and buffers (BatchNorm running statistics); it realizes both in each
         # step, which is what makes the running statistics update at all.
-        self.opt = nn.optim.Adam(nn.state.get_parameters(model), lr=lr)
+        self.opt = nn.optim.Adam(list(weights(model).values()), lr=lr)
         L = len(model.cfg.latent_dims)
         self.totals = Tensor.zeros(2 + L).contiguous().realize()   # running sums of (loss, recon, kl_1..kl_L)
         self.step = TinyJit(self._step)
@@ -283,7 +283,7 @@ def train(args) -> dict:
         rng_counter().assign(state["rng.counter"].to(Device.DEFAULT)).realize()
         step, epoch = meta["step"], meta["epoch"]
     epochs = args.epochs or (meta["train"]["epochs"] if args.resume else DEFAULT_EPOCHS)
-    Tensor.realize(*get_state_dict(model).values())
+    Tensor.realize(*weights(model).values())
 
     tag = f"{cfg.model.upper()} {cfg.size} {cfg.latent_dims}"
     chosen = "given" if args.size else f"default on {Device.DEFAULT}"

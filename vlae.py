@@ -146,15 +146,21 @@ def log_likelihood(x: Tensor, logits: Tensor, cfg: ModelConfig) -> Tensor:
     return lp.flatten(1).sum(axis=1)
 
 
+def weights(model) -> dict[str, Tensor]:
+    """The model's state (weights and BatchNorm statistics) by name: get_state_dict without private attributes, such
+    as the cached TinyJits (model._generate_jit, ...) and the buffers they captured."""
+    return {k: v for k, v in get_state_dict(model).items() if not any(part.startswith("_") for part in k.split("."))}
+
+
 def init_weights(model) -> None:
     """Weights ~ N(0, 0.02), biases 0, as in the authors' code; BatchNorm keeps scale 1, shift 0."""
-    for name, t in get_state_dict(model).items():
+    for name, t in weights(model).items():
         if name.endswith(".weight") and t.ndim >= 2: t.replace(Tensor.normal(*t.shape, std=0.02))
         elif name.endswith(".bias") and t.ndim == 1: t.replace(Tensor.zeros(*t.shape))
 
 
 def n_params(model) -> int:
-    return sum(t.numel() for name, t in get_state_dict(model).items() if t.is_param and "running" not in name)
+    return sum(t.numel() for name, t in weights(model).items() if t.is_param and "running" not in name)
 
 
 class ELBO(NamedTuple):
