@@ -60,6 +60,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int) -> di
     GlobalCounters.reset()
     step().numpy()
     flops = GlobalCounters.global_ops                  # FLOPs of one training step, as tinygrad's kernels count them
+    kernels = GlobalCounters.kernel_count
     per_step = [timed(step, steps) for _ in range(reps)]
 
     eps = [Tensor(rng.standard_normal((batch, d), dtype=np.float32)).realize() for d in model.cfg.latent_dims]
@@ -72,7 +73,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int) -> di
             "warmup_s": round(warmup, 1), "ms_per_step": round(1e3 * med, 1),
             "ms_per_step_min": round(1e3 * min(per_step), 1), "ms_per_step_max": round(1e3 * max(per_step), 1),
             "images_per_s": round(batch / med, 1), "gflops": round(flops / med / 1e9, 1),
-            "gflop_per_step": round(flops / 1e9, 2),
+            "gflop_per_step": round(flops / 1e9, 2), "kernels_per_step": kernels,
             "sample_images_per_s": round(batch / float(np.median(per_sample)), 1),
             "device_mem_mb": round(GlobalCounters.mem_used / 2 ** 20),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
