@@ -21,7 +21,7 @@ from tinygrad.nn.state import safe_load, safe_load_metadata, load_state_dict
 from data import DataError, Dataset, batches, load_dataset
 from train import UserError, atomic_safe_save, batched, binarized_test_set, evaluate, load_model
 from sample import generate
-from vlae import weights
+from vlae import cached_jit, weights
 
 ACTIVE = 0.01               # Burda et al. 2015: a unit is active when Cov_x(E_q[z_u]) exceeds this
 ATTRIBUTES = ("identity", "thickness", "width", "slant")
@@ -121,9 +121,8 @@ class Classifier:
 
 def classify(clf: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """images (N, 1, 28, 28) -> (class probabilities (N, 10), features (N, 128))."""
-    if not hasattr(clf, "_jit"):
-        clf._jit = TinyJit(lambda x: (clf(x).softmax().realize(), clf.features(x).realize()))
-    return batched(lambda xb: clf._jit(xb[0]), [images.reshape(-1, 1, 28, 28)])
+    jit = cached_jit(clf, "classify", lambda x: (clf(x).softmax().realize(), clf.features(x).realize()))
+    return batched(lambda xb: jit(xb[0]), [images.reshape(-1, 1, 28, 28)])
 
 
 def train_classifier(ds: Dataset, epochs: int, seed: int = 0) -> tuple[Classifier, float]:
@@ -174,12 +173,11 @@ def load_classifier(path: Path, ds: Dataset, epochs: int) -> tuple[Classifier, f
 
 def log_weights(model, x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """x (N, C, H, W) -> log importance weights (N, k), log p(x, z_i) - log q(z_i | x), z_i ~ q(z | x)."""
-    if not hasattr(model, "_log_weight_jit"):
-        model._log_weight_jit = TinyJit(lambda x, *eps: model.log_weight(x, list(eps)).realize())
+    jit = cached_jit(model, "log_weight", lambda x, *eps: model.log_weight(x, list(eps)).realize())
     out = np.empty((len(x), k), np.float32)
     for i in tqdm(range(k), desc=f"IW-{k}"):
         eps = [rng.standard_normal((len(x), d), dtype=np.float32) for d in model.cfg.latent_dims]
-        out[:, i] = batched(lambda a: model._log_weight_jit(a[0], *a[1:]), [x, *eps])
+        out[:, i] = batched(lambda a: jit(a[0], *a[1:]), [x, *eps])
     return out
 
 

@@ -13,9 +13,9 @@ reparameterized generation of Eq. 15 with caller-supplied noise, so one can fix 
 """
 from __future__ import annotations
 import numpy as np
-from tinygrad import Tensor, TinyJit
-from vlae import (ELBO, LatentModel, ModelConfig, GaussianHead, conv_encoder, conv_features, conv_decoder, dense,
-                  gaussian_log_prob, init_weights, log_likelihood, lrelu, relu, reparameterize,
+from tinygrad import Tensor
+from vlae import (ELBO, LatentModel, ModelConfig, GaussianHead, cached_jit, conv_encoder, conv_features,
+                  conv_decoder, dense, gaussian_log_prob, init_weights, log_likelihood, lrelu, relu, reparameterize,
                   standard_normal_log_prob)
 
 
@@ -105,9 +105,8 @@ class HVAE(LatentModel):
         when x0 is a number of chains. Returns every state, (steps + 1, B, C, H, W); state 0 is x0. Only q(z_1 | x)
         and p(x | z_1) are used: the upper layers play no part."""
         x = Tensor.rand(x0, *self.cfg.image_shape) if isinstance(x0, int) else x0
-        key = f"_gibbs_jit_{sample_x}"
-        if not hasattr(self, key): setattr(self, key, TinyJit(lambda *a: self.gibbs_step(*a, sample_x).realize()))
-        step = getattr(self, key)
+        step = cached_jit(self, f"gibbs_{'sampled' if sample_x else 'means'}",
+                          lambda *a: self.gibbs_step(*a, sample_x).realize())
         states = [x.contiguous().realize()]
         for _ in range(steps):
             eps = Tensor.randn(x.shape[0], self.cfg.latent_dims[0]).realize()

@@ -16,7 +16,7 @@ from tinygrad import Tensor, TinyJit, Device, Context, nn
 from tinygrad.helpers import tqdm
 from tinygrad.nn.state import safe_save, safe_load, safe_load_metadata, load_state_dict
 from data import DataError, load_dataset, batches, image_grid, over_each_other, save_png
-from vlae import VLAE, ModelConfig, SIZES, default_size, n_params, weights
+from vlae import VLAE, ModelConfig, SIZES, cached_jit, default_size, n_params, weights
 from hvae import HVAE
 
 MODELS = {"vlae": VLAE, "hvae": HVAE}
@@ -140,17 +140,15 @@ class Trainer:
             return stats
 
 
-
 def evaluate(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-example ELBO parts (N, 2+L): elbo, recon, kl_1..kl_L, for every row of x (eval mode: BatchNorm uses its
     running statistics), and the images decoded from the posterior means (N, C, H, W)."""
-    if not hasattr(model, "_evaluate_jit"):
-        def parts(x: Tensor) -> tuple[Tensor, Tensor]:
-            out = model.elbo(x)
-            recon_mean = model.decode([mu for mu, _ in model.encode(x)])
-            return Tensor.stack(out.elbo, out.recon, *out.kl, dim=1).realize(), recon_mean.realize()
-        model._evaluate_jit = TinyJit(parts)
-    return batched(lambda xb: model._evaluate_jit(xb[0]), [x])
+    def parts(x: Tensor) -> tuple[Tensor, Tensor]:
+        out = model.elbo(x)
+        recon_mean = model.decode([mu for mu, _ in model.encode(x)])
+        return Tensor.stack(out.elbo, out.recon, *out.kl, dim=1).realize(), recon_mean.realize()
+    jit = cached_jit(model, "evaluate", parts)
+    return batched(lambda xb: jit(xb[0]), [x])
 
 
 def batched(fn, arrays: list[np.ndarray]):

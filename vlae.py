@@ -152,6 +152,14 @@ def weights(model) -> dict[str, Tensor]:
     return {k: v for k, v in get_state_dict(model).items() if not any(part.startswith("_") for part in k.split("."))}
 
 
+def cached_jit(obj, name: str, fn) -> TinyJit:
+    """TinyJit(fn), created on first use and kept on obj as the private attribute _<name>_jit, so that each object
+    compiles each function once. weights() skips private attributes: what a jit captures never reaches a checkpoint."""
+    attr = f"_{name}_jit"
+    if attr not in vars(obj): setattr(obj, attr, TinyJit(fn))
+    return getattr(obj, attr)
+
+
 def init_weights(model) -> None:
     """Weights ~ N(0, 0.02), biases 0, as in the authors' code; BatchNorm keeps scale 1, shift 0."""
     for name, t in weights(model).items():
@@ -191,13 +199,12 @@ class LatentModel:
         return self.generate_jit([e * temperature for e in self.noise(n)])
 
     def generate_jit(self, eps: list[Tensor]) -> Tensor:
-        if not hasattr(self, "_generate_jit"): self._generate_jit = TinyJit(lambda e: self.generate(e).realize())
-        return self._generate_jit([e.contiguous().realize() for e in eps])
+        jit = cached_jit(self, "generate", lambda e: self.generate(e).realize())
+        return jit([e.contiguous().realize() for e in eps])
 
     def encode_jit(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-        if not hasattr(self, "_encode_jit"):
-            self._encode_jit = TinyJit(lambda x: [t.realize() for p in self.encode(x) for t in p])
-        flat = self._encode_jit(x.contiguous().realize())
+        jit = cached_jit(self, "encode", lambda x: [t.realize() for p in self.encode(x) for t in p])
+        flat = jit(x.contiguous().realize())
         return [(flat[2 * i], flat[2 * i + 1]) for i in range(self.L)]
 
 
