@@ -276,13 +276,19 @@ def run_train(argv):
     return train.train(args)
 
 
-def test_bad_flags_exit_with_one_line(capsys, tmp_path):
-    for argv, msg in [(["--epochs", "0"], "--epochs must be >= 1"), (["--batch-size", "0"], "--batch-size must"),
-                      (["--lr", "-1"], "--lr must be > 0"), (["--latent-dims", "2,x"], "not a comma-separated"),
-                      (["--latent-dims", "2"], "at least 2 layers"), (["--dataset", "cifar"], "unknown dataset")]:
-        assert train.main(argv + ["--out", str(tmp_path / "r")]) == 2
+def assert_one_line_errors(main, cases, capsys, extra=()):
+    """Each (argv, pattern): main(argv + extra) exits with code 2 and prints exactly one line, matching pattern."""
+    for argv, pattern in cases:
+        assert main(argv + list(extra)) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and msg in err[0], err
+        assert len(err) == 1 and re.search(pattern, err[0]), err
+
+
+def test_bad_flags_exit_with_one_line(capsys, tmp_path):
+    cases = [(["--epochs", "0"], "--epochs must be >= 1"), (["--batch-size", "0"], "--batch-size must"),
+             (["--lr", "-1"], "--lr must be > 0"), (["--latent-dims", "2,x"], "not a comma-separated"),
+             (["--latent-dims", "2"], "at least 2 layers"), (["--dataset", "cifar"], "unknown dataset")]
+    assert_one_line_errors(train.main, [(a, re.escape(m)) for a, m in cases], capsys, ["--out", str(tmp_path / "r")])
 
 
 def test_missing_checkpoint_gives_clear_error(tmp_path):
@@ -446,10 +452,7 @@ def test_user_errors_are_one_line(run, tmp_path, capsys):
              (["--run", str(run), "--sweep-layer", "top"], "--sweep-layer top: give a layer number"),
              (["--run", str(run), "--gibbs", "5"], "--gibbs .* HVAE"),
              (["--run", str(run), "--grid", "0"], "--grid must be >= 1")]
-    for argv, msg in cases:
-        assert sample.main(argv + ["--out", str(tmp_path / "out")]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and re.search(msg, err[0]), err
+    assert_one_line_errors(sample.main, cases, capsys, ["--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
@@ -537,10 +540,7 @@ def test_evaluate_errors_are_one_line(run, tmp_path, capsys):
              (["--run", str(run), "--k", "0"], "--k must be >= 1"),
              (["--run", str(run), "--resamples", "1"], "--resamples must be >= 2"),
              (["--run", str(run), "--iw-images", "20000"], "test set has only 10000 images")]
-    for argv, msg in cases:
-        assert evaluate.main(argv + ["--out", str(tmp_path / "ev.json")]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and re.search(msg, err[0]), err
+    assert_one_line_errors(evaluate.main, cases, capsys, ["--out", str(tmp_path / "ev.json")])
     with pytest.raises(train.UserError, match="not a readable classifier .* delete it"):
         evaluate.load_classifier(broken, None, 1)
     assert not (tmp_path / "ev.json").exists()
@@ -565,8 +565,6 @@ def test_torch_mirror_has_our_parameter_count():
 
 def test_bench_rejects_bad_flags(capsys):
     import bench
-    for argv, msg in [(["--size", "huge"], "--size huge: choose from"), (["--model", "gan"], "--model gan"),
-                      (["--steps", "0"], "--steps must be >= 1")]:
-        assert bench.main(argv) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and msg in err[0], err
+    cases = [(["--size", "huge"], "--size huge: choose from"), (["--model", "gan"], "--model gan"),
+             (["--steps", "0"], "--steps must be >= 1")]
+    assert_one_line_errors(bench.main, [(a, re.escape(m)) for a, m in cases], capsys)
