@@ -76,13 +76,15 @@ def read_verified(folder: Path, name: str, md5: str) -> bytes:
 
 def parse_idx(data: bytes, name: str) -> np.ndarray:
     """An idx file: magic (0, 0, dtype=0x08 ubyte, ndim), ndim big-endian uint32 sizes, then the data."""
+    fix = "replace it with the original file, or point --data-dir / VLAE_DATA at a good copy"
     if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise DataError(f"{name} is not an unsigned-byte idx file (bad magic number {data[:4].hex()})")
+        raise DataError(f"{name} is not an unsigned-byte idx file (bad magic number {data[:4].hex()}): {fix}")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim: raise DataError(f"{name} is truncated inside its header: {fix}")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise DataError(f"{name} holds {arr.size} values where its header says {shape}")
+        raise DataError(f"{name} holds {arr.size} values where its header says {shape}: {fix}")
     return arr.reshape(shape)
 
 

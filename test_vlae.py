@@ -9,7 +9,7 @@ test the optimized kernels instead).
 """
 import os
 os.environ.setdefault("NOOPT", "1")   # before tinygrad is imported: it reads its settings once
-import gzip, json, math, re, shutil
+import dataclasses, errno, gzip, json, math, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -251,8 +251,10 @@ def test_corrupt_file_gives_clear_error(mnist_copy):
 
 
 def test_wrong_magic_gives_clear_error():
-    with pytest.raises(data.DataError, match="bad magic"):
+    with pytest.raises(data.DataError, match="bad magic .*: replace it"):
         data.parse_idx(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00", "x")
+    with pytest.raises(data.DataError, match="truncated inside its header"):
+        data.parse_idx(b"\x00\x00\x08\x03\x00\x00\x00\x01", "x")
 
 
 def test_missing_files_without_network_give_clear_error(tmp_path):
@@ -284,11 +286,43 @@ def assert_one_line_errors(main, cases, capsys, extra=()):
         assert len(err) == 1 and re.search(pattern, err[0]), err
 
 
-def test_bad_flags_exit_with_one_line(capsys, tmp_path):
-    cases = [(["--epochs", "0"], "--epochs must be >= 1"), (["--batch-size", "0"], "--batch-size must"),
-             (["--lr", "-1"], "--lr must be > 0"), (["--latent-dims", "2,x"], "not a comma-separated"),
-             (["--latent-dims", "2"], "at least 2 layers"), (["--dataset", "cifar"], "unknown dataset")]
+def copy_run(run: Path, folder: Path, **meta) -> Path:
+    """folder/checkpoint.safetensors: the run's checkpoint with some of its metadata replaced. The safetensors header
+    is rewritten by hand: safe_save copies tensor by tensor, seconds for a checkpoint."""
+    raw = (run / train.CHECKPOINT).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] |= {k: json.dumps(v) for k, v in meta.items()}
+    head = json.dumps(header).encode()
+    folder.mkdir()
+    (folder / train.CHECKPOINT).write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:])
+    return folder
+
+
+def test_bad_flags_exit_with_one_line(run, capsys, tmp_path):
+    cases = [(["--epochs", "0"], "--epochs must be >= 1"), (["--epochs", "-1"], "--epochs must be >= 1"),
+             (["--batch-size", "0"], "--batch-size must"), (["--lr", "-1"], "--lr must be > 0"),
+             (["--lr", "0"], "--lr must be > 0"), (["--latent-dims", "2,x"], "not a comma-separated"),
+             (["--latent-dims", "2"], "at least 2 layers"), (["--latent-dims", "2,0"], "each of size >= 1"),
+             (["--dataset", "cifar"], "unknown dataset")]
     assert_one_line_errors(train.main, [(a, re.escape(m)) for a, m in cases], capsys, ["--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+    # --resume with flags that contradict the checkpoint, or weights that do not fit its config: nothing is written
+    _, meta = train.read_checkpoint(run)
+    flags = meta["train"] | {"batch_size": 50, "seed": 0, "subset": 1000, "epochs": 1}
+    ok = copy_run(run, tmp_path / "ok", train=flags)
+    wrong = copy_run(run, tmp_path / "wrong", train=flags, config=meta["config"] | {"model": "hvae"})
+    files = folder_contents(tmp_path)
+    cases = [(["--out", str(ok), "--batch-size", "100"], "trained with --batch-size 50, not 100; drop that flag"),
+             (["--out", str(ok), "--seed", "1"], "trained with --seed 0, not 1"),
+             (["--out", str(ok), "--model", "hvae"], "trained with model=vlae, not hvae"),
+             (["--out", str(ok), "--latent-dims", "2,2"], r"latent_dims=\(2, 2, 2\), not \(2, 2\)"),
+             (["--out", str(wrong), "--model", "hvae"], "holds weights that do not fit the HVAE"),
+             (["--out", str(tmp_path / "none")], "no checkpoint in")]
+    assert_one_line_errors(train.main, cases, capsys, ["--resume"])
+    assert_one_line_errors(train.main, [(["--out", str(ok)], "already exists: pass --resume")], capsys)
+    assert folder_contents(tmp_path) == files
 
 
 def test_missing_checkpoint_gives_clear_error(tmp_path):
@@ -299,42 +333,143 @@ def test_missing_checkpoint_gives_clear_error(tmp_path):
         train.load_model(tmp_path)
 
 
+@pytest.fixture
+def small_test_set(monkeypatch):
+    """train.py evaluates on the first 500 test images instead of 10000: a full pass costs ~17 s per epoch on 2 CPU
+    cores, and the training tests check the training loop, not the number."""
+    load = train.load_dataset
+
+    def first_500(*args, **kwargs):
+        ds = load(*args, **kwargs)
+        return dataclasses.replace(ds, test_x=ds.test_x[:500], test_y=ds.test_y[:500])
+    monkeypatch.setattr(train, "load_dataset", first_500)
+
+
+def comparable(metrics_file: Path) -> list[dict]:
+    """The lines of a metrics.jsonl without their timings."""
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in ("epoch_seconds", "images_per_second")} for m in lines]
+
+
 @pytest.mark.parametrize("model", ["vlae", "hvae"])
-def test_training_lowers_loss_and_resumes(tmp_path, model):
-    """A short run on 1000 real MNIST images: the test ELBO improves, files are written, the checkpoint
-    rebuilds a model with identical outputs, and --resume continues the run."""
+def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monkeypatch):
+    """A short run on 1000 real MNIST images: the test ELBO improves, files are written, the checkpoint rebuilds a
+    model with identical outputs. For the VLAE: a run stopped by SIGINT mid-epoch and resumed ends bit for bit where
+    the uninterrupted one does, and a nan loss stops training naming its step."""
     mnist_folder()
     out = tmp_path / "run"
-    common = ["--model", model, "--size", "tiny", "--subset", "1000", "--batch-size", "50", "--out", str(out),
-              "--kl-warmup", "0"]
-    run_train(common + ["--epochs", "2"])
+    common = ["--model", model, "--size", "tiny", "--subset", "1000", "--batch-size", "50", "--kl-warmup", "10",
+              "--log-every", "1"]
+    run_train(common + ["--out", str(out), "--epochs", "2"])
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in m] == [1, 2] and m[1]["step"] == 40
     assert m[1]["train_loss"] < m[0]["train_loss"]
     assert m[1]["test_elbo"] > m[0]["test_elbo"]
+    assert [s for s, _ in m[0]["train_loss_log"] + m[1]["train_loss_log"]] == list(range(1, 41))  # --log-every 1
     for f in ("samples.png", "reconstructions.png", "checkpoint.safetensors"): assert (out / f).stat().st_size > 0
 
     # checkpoint round trip: same config, same weights, identical outputs
-    model, meta = train.load_model(out)
+    model1, meta = train.load_model(out)
     assert meta["epoch"] == 2 and meta["config"]["size"] == "tiny" and meta["config"]["latent_dims"] == [2, 2, 2]
     model2, _ = train.load_model(out / train.CHECKPOINT)
     # the model's weights exactly: not the buffers captured by the jits that training ran on the model
     saved = nn.state.safe_load(str(out / train.CHECKPOINT))
-    assert sorted(k for k in saved if k.startswith("model.")) == sorted(f"model.{k}" for k in get_state_dict(model))
+    assert sorted(k for k in saved if k.startswith("model.")) == sorted(f"model.{k}" for k in get_state_dict(model1))
     zs = [Tensor(np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)) for _ in range(3)]
-    np.testing.assert_array_equal(model.decode(zs).numpy(), model2.decode(zs).numpy())
-    assert n_params(model) == n_params(model2)
+    np.testing.assert_array_equal(model1.decode(zs).numpy(), model2.decode(zs).numpy())
+    assert n_params(model1) == n_params(model2)
 
-    # a second run into the same folder refuses to overwrite it; --resume continues it (the same code for both
-    # models, so it is run for one: each new training graph costs a minute of compiling)
+    # the rest is the same code for both models, so it is run for one: each new training graph costs compiling
     if model == "hvae": return
+    # SIGINT during step 30 (batch 10 of epoch 2): the step finishes, a checkpoint is saved there, training stops
+    stopped, kl_weight = tmp_path / "stopped", train.kl_weight
+
+    def interrupt_at_30(step, warmup):
+        if step == 30: os.kill(os.getpid(), signal.SIGINT)
+        return kl_weight(step, warmup)
+    monkeypatch.setattr(train, "kl_weight", interrupt_at_30)
+    with pytest.raises(train.Stopped, match=r"by SIGINT at step 30 \(epoch 2, batch 10 of 20\); saved") as e:
+        run_train(common + ["--out", str(stopped), "--epochs", "2"])
+    assert e.value.code == 130
+    ckpt = stopped / train.CHECKPOINT
+    meta = train.read_checkpoint(ckpt)[1]                 # not the tensors: they would keep the old file open
+    assert (meta["step"], meta["epoch"], meta["batch"], len(meta["log"])) == (30, 1, 10, 10)
+
+    # a nan loss from step 33 on, first seen at the log point of step 35, stops the run naming step 33; the last
+    # good checkpoint is kept as it was
+    before = ckpt.read_bytes()
+    monkeypatch.setattr(train, "kl_weight", lambda step, warmup: math.nan if step >= 33 else kl_weight(step, warmup))
+    with pytest.raises(train.UserError, match=r"nan or inf at step 33 \(seen at step 35\).* \(step 30\)"):
+        run_train(["--out", str(stopped), "--resume", "--log-every", "5"])
+    assert ckpt.read_bytes() == before
+
+    # a plain --resume (its flags come from the checkpoint) continues from batch 10 of epoch 2 and ends exactly where
+    # the uninterrupted run did: the loss at every step, the epoch metrics, the weights, Adam's moments and bias
+    # corrections, BatchNorm statistics and the RNG counter, all bit for bit (CPU)
+    monkeypatch.setattr(train, "kl_weight", kl_weight)
+    run_train(["--out", str(stopped), "--resume"])
+    assert comparable(stopped / "metrics.jsonl") == comparable(out / "metrics.jsonl")
+    a, b = nn.state.safe_load(str(out / train.CHECKPOINT)), nn.state.safe_load(str(ckpt))
+    assert a.keys() == b.keys() and {"optim.b1_t", "rng.counter", "train.totals"} <= a.keys()
+    for k in a: np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+
+    # a second run into the same folder refuses to overwrite it; --resume refuses a config that contradicts it
     with pytest.raises(train.UserError, match="already exists: pass --resume"):
-        run_train(common + ["--epochs", "3"])
+        run_train(common + ["--out", str(out), "--epochs", "3"])
     with pytest.raises(train.UserError, match="trained with combiner=concat"):
-        run_train(common + ["--epochs", "3", "--resume", "--combiner", "gated"])
-    run_train(common + ["--epochs", "3", "--resume"])
-    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in m] == [1, 2, 3] and m[2]["step"] == 60
+        run_train(common + ["--out", str(out), "--epochs", "3", "--resume", "--combiner", "gated"])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    """A real SIGTERM from another process, during the first step: the step finishes, a checkpoint is saved at step 1
+    and train.py exits with 143 after one line."""
+    mnist_folder()
+    out = tmp_path / "run"
+    argv = ["--size", "tiny", "--subset", "1000", "--batch-size", "50", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=Path(__file__).parent, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert "parameters" in proc.stderr.readline()        # the header: the handlers are in place
+        time.sleep(2)                                       # well into the first step, which takes tens of seconds
+        proc.send_signal(signal.SIGTERM)
+        err = proc.stderr.read().strip().splitlines()
+        assert proc.wait(timeout=300) == 143
+    finally:
+        proc.kill()
+    assert len(err) == 1 and re.match(r"stopped by SIGTERM at step 1 \(epoch 1, batch 1 of 20\); saved", err[0]), err
+    _, meta = train.read_checkpoint(out)
+    assert (meta["step"], meta["epoch"], meta["batch"]) == (1, 0, 1)
+
+
+def test_checkpoint_writes_are_atomic(run, tmp_path, monkeypatch):
+    """A full disk, or a crash between writing the temporary file and renaming it over the checkpoint, leaves the
+    previous checkpoint as it was; kill -9 leaves a stray temporary file, which the next save replaces."""
+    path, tmp = tmp_path / train.CHECKPOINT, tmp_path / (train.CHECKPOINT + ".tmp")
+    shutil.copy(run / train.CHECKPOINT, path)
+    before = path.read_bytes()
+    state, meta = {"w": Tensor.ones(3).contiguous()}, {"config": {}, "step": 1}
+
+    def full_disk(state, name, metadata):
+        Path(name).write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(train, "safe_save", full_disk)
+    with pytest.raises(train.UserError, match=r"could not write .* \(No space left on device\); free disk space or "
+                                              r"choose another --out. The previous file, if any, is untouched"):
+        train.atomic_safe_save(state, path, meta)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and not tmp.exists()
+
+    class Killed(BaseException): pass
+
+    def killed(src, dst): raise Killed
+    monkeypatch.setattr(train.os, "replace", killed)                # dies after writing the temporary file
+    with pytest.raises(Killed): train.atomic_safe_save(state, path, meta)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and not tmp.exists()
+    tmp.write_bytes(b"half a checkpoint")                           # what kill -9 at that moment leaves
+    assert train.read_checkpoint(path)[1]["epoch"] == 0
+    train.atomic_safe_save(state, path, meta)
+    assert train.read_checkpoint(path)[1]["step"] == 1 and not tmp.exists()
 
 
 DIMS = (2, 2, 2)
@@ -442,18 +577,43 @@ def test_pngs_match_the_grid_and_the_seed(run, tmp_path, capsys):
     for name in ("sweep-layer3.png", "prior.png"): assert (tmp_path / name).read_bytes() == (run / name).read_bytes()
 
 
-def test_user_errors_are_one_line(run, tmp_path, capsys):
+@pytest.fixture
+def bad_runs(run, tmp_path) -> list:
+    """(argv, pattern) for run folders that sample.py and evaluate.py must refuse with one line: missing, empty, a
+    checkpoint cut short at several points, a safetensors file of something else, an HVAE config over VLAE weights."""
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "none", "no checkpoint in .*: train one first with `python train.py"),
+             (tmp_path / "empty", "no checkpoint in .*empty: train one first")]
+    raw = (run / train.CHECKPOINT).read_bytes()
+    for n in (4, 100, len(raw) // 2, len(raw) - 1):
+        folder = tmp_path / f"cut{n}"
+        folder.mkdir()
+        (folder / train.CHECKPOINT).write_bytes(raw[:n])
+        cases.append((folder, "is not a readable checkpoint of this project .*; delete it and train again"))
+    (tmp_path / "other").mkdir()
+    train.atomic_safe_save({"w": Tensor.ones(2).contiguous()}, tmp_path / "other" / train.CHECKPOINT, {})
+    cases.append((tmp_path / "other", "not a readable checkpoint .*no config in its metadata"))
+    cfg = train.read_checkpoint(run)[1]["config"] | {"model": "hvae"}
+    cases.append((copy_run(run, tmp_path / "hvae-config", config=cfg), "holds weights that do not fit the HVAE"))
+    return [(["--run", str(folder)], pattern) for folder, pattern in cases]
+
+
+def folder_contents(folder: Path) -> dict:
+    return {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+def test_user_errors_are_one_line(run, bad_runs, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / train.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    cases = [(["--run", str(tmp_path / "none")], "no checkpoint in .*: train one first with `python train.py"),
-             (["--run", str(broken)], "not a readable checkpoint"),
+    files = folder_contents(tmp_path)
+    cases = [(["--run", str(broken)], "not a readable checkpoint"),
              (["--run", str(run), "--sweep-layer", "4"], "--sweep-layer 4: this model has layers 1 .* to 3"),
              (["--run", str(run), "--sweep-layer", "top"], "--sweep-layer top: give a layer number"),
              (["--run", str(run), "--gibbs", "5"], "--gibbs .* HVAE"),
              (["--run", str(run), "--grid", "0"], "--grid must be >= 1")]
-    assert_one_line_errors(sample.main, cases, capsys, ["--out", str(tmp_path / "out")])
-    assert not (tmp_path / "out").exists()
+    assert_one_line_errors(sample.main, bad_runs + cases, capsys, ["--out", str(tmp_path / "out")])
+    assert folder_contents(tmp_path) == files and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------- evaluate.py
@@ -533,17 +693,17 @@ def test_evaluate_report_end_to_end(run, tmp_path, capsys):
         assert text in out, text
 
 
-def test_evaluate_errors_are_one_line(run, tmp_path, capsys):
+def test_evaluate_errors_are_one_line(run, bad_runs, tmp_path, capsys):
     broken = tmp_path / "clf.safetensors"
     broken.write_bytes(b"not a safetensors file")
-    cases = [(["--run", str(tmp_path / "none")], "no checkpoint in .*: train one first"),
-             (["--run", str(run), "--k", "0"], "--k must be >= 1"),
+    files = folder_contents(tmp_path)
+    cases = [(["--run", str(run), "--k", "0"], "--k must be >= 1"),
              (["--run", str(run), "--resamples", "1"], "--resamples must be >= 2"),
              (["--run", str(run), "--iw-images", "20000"], "test set has only 10000 images")]
-    assert_one_line_errors(evaluate.main, cases, capsys, ["--out", str(tmp_path / "ev.json")])
+    assert_one_line_errors(evaluate.main, bad_runs + cases, capsys, ["--out", str(tmp_path / "ev.json")])
     with pytest.raises(train.UserError, match="not a readable classifier .* delete it"):
         evaluate.load_classifier(broken, None, 1)
-    assert not (tmp_path / "ev.json").exists()
+    assert folder_contents(tmp_path) == files and not (tmp_path / "ev.json").exists()
 
 
 # --------------------------------------------------------------------------------------------- bench

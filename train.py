@@ -7,12 +7,14 @@
 
 The run folder gets checkpoint.safetensors (weights, Adam state, step, RNG state and the config as JSON metadata,
 written atomically after every epoch), metrics.jsonl (one line per epoch), samples.png and reconstructions.png.
+Ctrl-C or SIGTERM finishes the current step, saves a checkpoint there and exits (130 / 143); --resume continues
+with the same batches and ends with the same weights, bit for bit on a CPU, as a run that was never stopped.
 """
 from __future__ import annotations
-import argparse, json, math, os, sys, time
+import argparse, json, math, os, signal, sys, time
 from pathlib import Path
 import numpy as np
-from tinygrad import Tensor, TinyJit, Device, Context, nn
+from tinygrad import Tensor, TinyJit, Device, Context, dtypes, nn
 from tinygrad.helpers import tqdm
 from tinygrad.nn.state import safe_save, safe_load, safe_load_metadata, load_state_dict
 from data import DataError, load_dataset, batches, image_grid, over_each_other, save_png
@@ -22,11 +24,21 @@ from hvae import HVAE
 MODELS = {"vlae": VLAE, "hvae": HVAE}
 CHECKPOINT = "checkpoint.safetensors"
 BATCH = 100                 # evaluation and sampling run at this batch size (padded): one compile each
-DEFAULT_EPOCHS = 3
+# Training flags left unset take these, or, with --resume, the checkpoint's values: a plain --resume continues exactly
+TRAIN_DEFAULTS = {"epochs": 3, "batch_size": 100, "lr": 1e-3, "kl_warmup": 1000, "seed": 0, "subset": 0,
+                  "log_every": 50}
+DATA_ORDER = ("dataset", "batch_size", "seed", "subset")    # these fix which batch comes next: --resume keeps them
 
 
 class UserError(Exception):
     """A mistake in flags, files or run folders; main() prints its one-line message and exits with code 2."""
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped training between two steps; main() prints the message and exits with 128 + signal."""
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.code = 128 + signum
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,12 +63,14 @@ def rng_counter() -> Tensor:
     return Tensor._device_rng_counters[Device.DEFAULT]
 
 
-def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
+def save_checkpoint(path: Path, model, opt, meta: dict, totals: Tensor | None = None) -> None:
     """Write to a temporary file, flush it to disk, then rename over the old checkpoint: a crash at any moment
-    leaves either the previous checkpoint or the new one, never a half-written file."""
+    leaves either the previous checkpoint or the new one, never a half-written file. totals: the running sums of
+    the epoch so far (a checkpoint saved mid-epoch)."""
     state = {f"model.{k}": v for k, v in weights(model).items()}
     state |= {f"optim.{k}": v for k, v in optimizer_state(opt).items()}
     state["rng.counter"] = rng_counter()
+    if totals is not None: state["train.totals"] = totals
     atomic_safe_save(state, path, meta)
 
 
@@ -67,10 +81,17 @@ def atomic_safe_save(state: dict[str, Tensor], path: Path, meta: dict) -> None:
         safe_save(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError as e:        # e.g. ENOSPC, a full disk
         tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({e.strerror}); free disk space or choose another --out. "
                         f"The previous file, if any, is untouched") from None
+    except BaseException:       # e.g. a second Ctrl-C: the previous file is untouched; leave no stray temp file
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX), not just the file's bytes
+        fd = os.open(path.parent, os.O_DIRECTORY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
@@ -101,10 +122,20 @@ def load_part(obj, state: dict[str, Tensor], prefix: str) -> None:
 def load_model(path: Path):
     """Rebuild a model from the config stored in a checkpoint and load its weights (for sample.py, evaluate.py)."""
     state, meta = read_checkpoint(path)
-    cfg = ModelConfig(**meta["config"])
-    model = build_model(cfg)
-    load_part(model, state, "model.")
+    model = build_model(ModelConfig(**meta["config"]))
+    load_weights(model, None, state, path)
     return model, meta
+
+
+def load_weights(model, opt, state: dict[str, Tensor], path: Path) -> None:
+    """The model's weights (and Adam's state, if opt) from a checkpoint, or a UserError if they do not fit the model
+    its config describes (a file edited or copied from another run)."""
+    try:
+        load_part(model, state, "model.")
+        if opt is not None: load_part(optimizer_state(opt), state, "optim.")
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path} holds weights that do not fit the {model.cfg.model.upper()} its config describes "
+                        f"({type(e).__name__}: {e}); point at another run folder") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,6 +155,10 @@ class Trainer:
         self.opt = nn.optim.Adam(list(weights(model).values()), lr=lr)
         L = len(model.cfg.latent_dims)
         self.totals = Tensor.zeros(2 + L).contiguous().realize()   # running sums of (loss, recon, kl_1..kl_L)
+        # steps taken, and the first of them (1-based) whose loss was nan or inf (0: none yet): kept on the device
+        # and read at log points, so that naming the exact step costs no sync per step
+        self.steps = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
+        self.first_bad = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
         self.step = TinyJit(self._step)
 
     def _step(self, x: Tensor, beta: Tensor) -> Tensor:
@@ -136,7 +171,10 @@ class Trainer:
             loss.backward()
             self.opt.step()
             stats = Tensor.cat(loss.reshape(1), out.recon.mean().reshape(1), kl)
-            Tensor.realize(stats, self.totals.assign(self.totals + stats))
+            n = self.steps + 1
+            first_bad = ((self.first_bad == 0) & ~loss.isfinite()).where(n, self.first_bad)
+            Tensor.realize(stats, self.totals.assign(self.totals + stats), self.steps.assign(n),
+                           self.first_bad.assign(first_bad))
             return stats
 
 
@@ -189,11 +227,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a Variational Ladder Autoencoder (Zhao, Song & Ermon 2017).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="dataset name (mnist)")
-    p.add_argument("--model", default="vlae", choices=sorted(MODELS), help="which model to train")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs to train (a resumed run stops there)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per step (the authors used 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    # model flags default to None so that --resume can tell which ones were given
+    p.add_argument("--model", default=None, choices=sorted(MODELS), help="which model to train (default vlae)")
+    # training and model flags default to None: a fresh run fills in the defaults, a resumed one its checkpoint's
+    p.add_argument("--epochs", type=int, default=None, help="total epochs (default 3; a resumed run stops there)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 100, the authors' value)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     p.add_argument("--latent-dims", default=None, help="code size per layer, bottom first, e.g. 2,2,2 (default)")
     p.add_argument("--size", default=None, choices=sorted(SIZES),
                    help="network width: paper = the authors' network; default: paper on a GPU, narrow on CPU")
@@ -202,16 +240,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--likelihood", default=None, choices=["gaussian", "bernoulli"],
                    help="r(x|z): fixed-variance gaussian (the paper's, default) or bernoulli (binarized x)")
     p.add_argument("--sigma-x", type=float, default=None, help="std of the gaussian likelihood (default 0.1)")
-    p.add_argument("--kl-warmup", type=int, default=1000,
-                   help="KL weight 1 - exp(-step / N) as in the authors' code; 0 turns warm-up off")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and sampling noise")
+    p.add_argument("--kl-warmup", type=int, default=None,
+                   help="KL weight 1 - exp(-step / N) as in the authors' code (default 1000); 0 turns warm-up off")
+    p.add_argument("--seed", type=int, default=None, help="seed for weights, data order and sampling noise (default 0)")
     p.add_argument("--out", default=None, help="run folder (default out/<dataset>-<model>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its flags unless given (--epochs, --lr, "
+                        "--kl-warmup and --log-every may change; the data order may not)")
     p.add_argument("--data-dir", default=None, help="folder holding <dataset>/ (default $VLAE_DATA, then ./data)")
-    p.add_argument("--subset", type=int, default=0, help="train on the first N training images only (0 = all)")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress-bar updates (each is a sync)")
+    p.add_argument("--subset", type=int, default=None, help="train on the first N training images (default 0 = all)")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="steps between progress-bar updates and loss-log entries (default 50; each is a sync)")
     args = p.parse_args(argv)
-    args.out = Path(args.out or f"out/{args.dataset}-{args.model}")
+    args.out = Path(args.out or f"out/{args.dataset}-{args.model or 'vlae'}")
     return args
 
 
@@ -223,25 +264,41 @@ def model_config(args, image_shape: tuple) -> ModelConfig:
         raise UserError(f"--latent-dims {args.latent_dims!r} is not a comma-separated list of integers, e.g. 2,2,2")
     if len(dims) < 2 or min(dims) < 1:
         raise UserError(f"--latent-dims {args.latent_dims}: give at least 2 layers, each of size >= 1, e.g. 2,2,2")
-    return ModelConfig(model=args.model, image_shape=image_shape, latent_dims=dims,
+    return ModelConfig(model=args.model or "vlae", image_shape=image_shape, latent_dims=dims,
                        size=args.size or default_size(), combiner=args.combiner or "concat",
                        likelihood=args.likelihood or "gaussian",
                        sigma_x=args.sigma_x if args.sigma_x is not None else 0.1)
 
 
 def check_args(args) -> None:
-    if args.epochs is not None and args.epochs < 1: raise UserError(f"--epochs must be >= 1 (got {args.epochs})")
-    if args.batch_size < 1: raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if not args.lr > 0: raise UserError(f"--lr must be > 0 (got {args.lr})")
-    if args.sigma_x is not None and not args.sigma_x > 0: raise UserError(f"--sigma-x must be > 0 (got {args.sigma_x})")
-    if args.kl_warmup < 0: raise UserError(f"--kl-warmup must be >= 0 (got {args.kl_warmup})")
-    if args.subset < 0: raise UserError(f"--subset must be >= 0 (got {args.subset})")
-    if args.log_every < 1: raise UserError(f"--log-every must be >= 1 (got {args.log_every})")
+    """Flags that are given must make sense (those left unset are filled in by training_flags)."""
+    def given(k): return getattr(args, k) is not None
+    if given("epochs") and args.epochs < 1: raise UserError(f"--epochs must be >= 1 (got {args.epochs})")
+    if given("batch_size") and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if given("lr") and not args.lr > 0: raise UserError(f"--lr must be > 0 (got {args.lr})")
+    if given("sigma_x") and not args.sigma_x > 0: raise UserError(f"--sigma-x must be > 0 (got {args.sigma_x})")
+    if given("kl_warmup") and args.kl_warmup < 0: raise UserError(f"--kl-warmup must be >= 0 (got {args.kl_warmup})")
+    if given("subset") and args.subset < 0: raise UserError(f"--subset must be >= 0 (got {args.subset})")
+    if given("log_every") and args.log_every < 1: raise UserError(f"--log-every must be >= 1 (got {args.log_every})")
 
 
-def check_resume(args, cfg: ModelConfig, saved: dict) -> None:
-    """A flag given together with --resume must agree with the checkpoint's config."""
-    saved_cfg = ModelConfig(**saved)
+def training_flags(args, saved: dict | None) -> None:
+    """Fill the training flags left unset: from the checkpoint's when resuming (saved), else TRAIN_DEFAULTS.
+    A resumed run may not change the flags that fix the data order."""
+    for k in DATA_ORDER:
+        if saved and k in saved and getattr(args, k) is not None and getattr(args, k) != saved[k]:
+            flag = "--" + k.replace("_", "-")
+            raise UserError(f"--resume: the checkpoint in {args.out} was trained with {flag} {saved[k]}, not "
+                            f"{getattr(args, k)}; drop that flag (a resumed run keeps its data order), or start a new "
+                            f"run with another --out")
+    for k, default in TRAIN_DEFAULTS.items():
+        if getattr(args, k) is None: setattr(args, k, (saved or {}).get(k, default))
+
+
+def check_resume(args, saved: dict) -> None:
+    """A model flag given together with --resume must agree with the checkpoint's config."""
+    saved_cfg, cfg = ModelConfig(**saved), model_config(args, tuple(saved["image_shape"]))
     given = {"latent_dims": args.latent_dims and cfg.latent_dims, "size": args.size, "combiner": args.combiner,
              "likelihood": args.likelihood, "sigma_x": args.sigma_x, "model": args.model}
     for k, v in given.items():
@@ -250,86 +307,128 @@ def check_resume(args, cfg: ModelConfig, saved: dict) -> None:
                             f"not {v}; drop that flag, or start a new run with another --out")
 
 
+class StopSignals:
+    """While active, Ctrl-C (SIGINT) and SIGTERM only set .signum: the training loop checks it between steps, so a
+    step is never cut in half and the checkpoint saved after it is consistent. A second signal stops at once."""
+    def __enter__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum: raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items(): signal.signal(s, handler)
+
+
 def train(args) -> dict:
-    """Train per args; returns the last epoch's metrics."""
+    """Train per args; returns the last epoch's metrics. Raises Stopped after SIGINT or SIGTERM."""
     check_args(args)
+    ckpt_path = args.out / CHECKPOINT
+    if args.resume: state, meta = read_checkpoint(ckpt_path)
+    elif ckpt_path.exists():
+        raise UserError(f"{ckpt_path} already exists: pass --resume to continue that run, or --out NEW_FOLDER "
+                        f"to start another")
+    training_flags(args, meta["train"] if args.resume else None)
+    if args.resume: check_resume(args, meta["config"])
     ds = load_dataset(args.dataset, args.data_dir)
     train_x = ds.train_x[:args.subset] if args.subset else ds.train_x
     if len(train_x) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)} images)")
-    cfg = model_config(args, ds.image_shape)
-    ckpt_path = args.out / CHECKPOINT
+    cfg = ModelConfig(**meta["config"]) if args.resume else model_config(args, ds.image_shape)
     Tensor.manual_seed(args.seed)
-
-    if args.resume:
-        state, meta = read_checkpoint(ckpt_path)
-        check_resume(args, cfg, meta["config"])
-        cfg = ModelConfig(**meta["config"])
-        if meta["train"]["batch_size"] != args.batch_size or meta["train"]["seed"] != args.seed:
-            raise UserError(f"--resume: the checkpoint in {args.out} used --batch-size {meta['train']['batch_size']} "
-                            f"--seed {meta['train']['seed']}; pass those (or leave them at their defaults)")
-    elif ckpt_path.exists():
-        raise UserError(f"{ckpt_path} already exists: pass --resume to continue that run, or --out NEW_FOLDER "
-                        f"to start another")
 
     model = build_model(cfg)
     trainer = Trainer(model, args.lr)
-    step, epoch = 0, 0
+    # step: steps taken; epoch: epochs completed; batch: batches of the current epoch done (> 0 after a stop
+    # mid-epoch); log: (step, loss) at the log points of the current epoch
+    step, epoch, batch, log = 0, 0, 0, []
     if args.resume:
-        load_part(model, state, "model.")
-        load_part(optimizer_state(trainer.opt), state, "optim.")
+        load_weights(model, trainer.opt, state, ckpt_path)
         rng_counter().assign(state["rng.counter"].to(Device.DEFAULT)).realize()
-        step, epoch = meta["step"], meta["epoch"]
-    epochs = args.epochs or (meta["train"]["epochs"] if args.resume else DEFAULT_EPOCHS)
+        if "train.totals" in state: trainer.totals.assign(state["train.totals"].to(Device.DEFAULT)).realize()
+        step, epoch, batch, log = meta["step"], meta["epoch"], meta.get("batch", 0), meta.get("log", [])
+        del state   # its tensors map the old checkpoint file: let tinygrad close it (the next save replaces it)
     Tensor.realize(*weights(model).values())
+    first_step, saved_step = step, (step if args.resume else None)
+
+    def check_finite() -> None:
+        """Stop if a loss since this process started was nan or inf, naming the first such step."""
+        if bad := int(trainer.first_bad.item()):
+            last = f"{ckpt_path} (step {saved_step})" if saved_step is not None else "none was written"
+            raise UserError(f"the loss became nan or inf at step {first_step + bad} (seen at step {step}); training "
+                            f"stopped without saving. The last good checkpoint is {last}: lower --lr and --resume, "
+                            f"or start again")
+
+    def save(metrics: dict) -> None:
+        nonlocal saved_step
+        check_finite()                                                  # never overwrite a good checkpoint with nan
+        save_checkpoint(ckpt_path, model, trainer.opt, {"config": cfg.to_dict(), "train": train_meta, "step": step,
+                                                        "epoch": epoch, "batch": batch, "log": log,
+                                                        "metrics": metrics}, trainer.totals)
+        saved_step = step
 
     tag = f"{cfg.model.upper()} {cfg.size} {cfg.latent_dims}"
     chosen = "given" if args.size else f"default on {Device.DEFAULT}"
     other = "paper" if cfg.size == "narrow" else "narrow"
-    print(f"{tag}: size {cfg.size} ({chosen}; --size {other} for the other), {n_params(model):,} parameters, "
-          f"{cfg.likelihood} likelihood, device {Device.DEFAULT}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     binarize = cfg.likelihood == "bernoulli"
     test_x = binarized_test_set(ds.test_x) if binarize else ds.test_x
     steps_per_epoch = len(train_x) // args.batch_size
-    train_meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"epochs": epochs}
-    metrics = {}
+    train_meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    metrics = meta.get("metrics", {}) if args.resume else {}
 
-    while epoch < epochs:
-        t0 = time.perf_counter()
-        trainer.totals.assign(Tensor.zeros_like(trainer.totals)).realize()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=None)  # off when not a tty
-        for i, (xb, _) in enumerate(batches(train_x, ds.train_y, args.batch_size, args.seed, epoch, binarize=binarize)):
-            step += 1
-            stats = trainer.step(Tensor(xb), Tensor([kl_weight(step, args.kl_warmup)]))
-            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
-                s = stats.numpy()                                       # the only sync in the loop
-                if not np.isfinite(s).all():
-                    raise UserError(f"loss became {s[0]} at step {step}; the checkpoint in {args.out} (if any) is "
-                                    f"the last good state: lower --lr and --resume, or start again")
-                bar.set_description(f"epoch {epoch + 1}/{epochs} step {step} loss {s[0]:.1f} recon {s[1]:.1f} "
-                                    f"kl {' '.join(f'{k:.2f}' for k in s[2:])}")
-                if bar.disable: print(bar.desc.rstrip(": "), file=sys.stderr, flush=True)
-            bar.update(1)
-        bar.update(close=True)
-        epoch += 1
-        train_time = time.perf_counter() - t0
-        totals = trainer.totals.numpy() / steps_per_epoch
-        parts, recon = evaluate(model, test_x)
-        metrics = {"epoch": epoch, "step": step, "kl_weight": kl_weight(step, args.kl_warmup),
-                   "train_loss": float(totals[0]), "train_recon": float(totals[1]),
-                   "train_kl": [float(k) for k in totals[2:]],
-                   "test_elbo": float(parts[:, 0].mean()), "test_recon": float(parts[:, 1].mean()),
-                   "test_kl": [float(k) for k in parts[:, 2:].mean(0)],
-                   "epoch_seconds": round(train_time, 1), "images_per_second": round(steps_per_epoch *
-                                                                                     args.batch_size / train_time, 1)}
-        with open(args.out / "metrics.jsonl", "a") as f: f.write(json.dumps(metrics) + "\n")
-        write_pngs(trainer, args.out, test_x, recon, epoch, tag)
-        save_checkpoint(ckpt_path, model, trainer.opt, {"config": cfg.to_dict(), "train": train_meta,
-                                                        "step": step, "epoch": epoch, "metrics": metrics})
-        print(f"epoch {epoch}: test ELBO {metrics['test_elbo']:.2f} nats (recon {metrics['test_recon']:.2f}, "
-              f"KL per layer {' '.join(f'{k:.2f}' for k in metrics['test_kl'])}), "
-              f"{metrics['images_per_second']:.0f} images/s; wrote {ckpt_path}", file=sys.stderr)
+    with StopSignals() as stop:
+        print(f"{tag}: size {cfg.size} ({chosen}; --size {other} for the other), {n_params(model):,} parameters, "
+              f"{cfg.likelihood} likelihood, device {Device.DEFAULT}", file=sys.stderr, flush=True)
+        while epoch < args.epochs:
+            t0, start = time.perf_counter(), batch
+            if start == 0: trainer.totals.assign(Tensor.zeros_like(trainer.totals)).realize()
+            bar = tqdm(total=steps_per_epoch - start, desc=f"epoch {epoch + 1}/{args.epochs}", disable=None)
+            for xb, _ in batches(train_x, ds.train_y, args.batch_size, args.seed, epoch, start, binarize=binarize):
+                if stop.signum: break
+                step, batch = step + 1, batch + 1
+                stats = trainer.step(Tensor(xb), Tensor([kl_weight(step, args.kl_warmup)]))
+                if batch % args.log_every == 0 or batch == steps_per_epoch:
+                    s = stats.numpy()                                   # the only sync in the loop
+                    check_finite()
+                    log.append([step, float(s[0])])
+                    bar.set_description(f"epoch {epoch + 1}/{args.epochs} step {step} loss {s[0]:.1f} recon "
+                                        f"{s[1]:.1f} kl {' '.join(f'{k:.2f}' for k in s[2:])}")
+                    if bar.disable: print(bar.desc.rstrip(": "), file=sys.stderr, flush=True)
+                bar.update(1)
+            bar.update(close=True)
+            if stop.signum:
+                name = signal.Signals(stop.signum).name
+                if step == 0: raise Stopped(stop.signum, f"stopped by {name} before the first step; nothing to save")
+                if step != saved_step: save(metrics)        # (else the signal came during an epoch-end save)
+                raise Stopped(stop.signum, f"stopped by {name} at step {step} (epoch {epoch + 1}, batch {batch} of "
+                                           f"{steps_per_epoch}); saved {ckpt_path}: continue with `python train.py "
+                                           f"--out {args.out} --resume`")
+            epoch, batch = epoch + 1, 0
+            train_time = time.perf_counter() - t0
+            totals = trainer.totals.numpy() / steps_per_epoch
+            parts, recon = evaluate(model, test_x)
+            metrics = {"epoch": epoch, "step": step, "kl_weight": kl_weight(step, args.kl_warmup),
+                       "train_loss": float(totals[0]), "train_recon": float(totals[1]),
+                       "train_kl": [float(k) for k in totals[2:]],
+                       "test_elbo": float(parts[:, 0].mean()), "test_recon": float(parts[:, 1].mean()),
+                       "test_kl": [float(k) for k in parts[:, 2:].mean(0)], "train_loss_log": log,
+                       "epoch_seconds": round(train_time, 1),
+                       "images_per_second": round((steps_per_epoch - start) * args.batch_size / train_time, 1)}
+            log = []
+            save(metrics)                   # first the checkpoint: it is what --resume needs; then the extras
+            try:
+                with open(args.out / "metrics.jsonl", "a") as f: f.write(json.dumps(metrics) + "\n")
+                write_pngs(trainer, args.out, test_x, recon, epoch, tag)
+            except OSError as e:
+                raise UserError(f"could not write to {args.out} ({e.strerror}); free disk space and --resume, or "
+                                f"choose another --out. {ckpt_path} holds epoch {epoch}") from None
+            print(f"epoch {epoch}: test ELBO {metrics['test_elbo']:.2f} nats (recon {metrics['test_recon']:.2f}, "
+                  f"KL per layer {' '.join(f'{k:.2f}' for k in metrics['test_kl'])}), "
+                  f"{metrics['images_per_second']:.0f} images/s; wrote {ckpt_path}", file=sys.stderr)
     return metrics
 
 
@@ -340,8 +439,12 @@ def main(argv=None) -> int:
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint (written at the end of each epoch) is intact", file=sys.stderr)
+        print(f"interrupted before the step could finish: nothing saved; the last checkpoint in {args.out}, if any, "
+              f"is intact", file=sys.stderr)
         return 130
     return 0
 
