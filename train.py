@@ -224,8 +224,7 @@ def write_pngs(trainer: Trainer, out: Path, test_x: np.ndarray, recon: np.ndarra
 # ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a Variational Ladder Autoencoder (Zhao, Song & Ermon 2017).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train a Variational Ladder Autoencoder (Zhao, Song & Ermon 2017).")
     p.add_argument("--dataset", default="mnist", help="dataset name (mnist)")
     p.add_argument("--model", default=None, choices=sorted(MODELS), help="which model to train (default vlae)")
     # training and model flags default to None: a fresh run fills in the defaults, a resumed one its checkpoint's
