@@ -1,19 +1,28 @@
-"""Datasets for the VLAE: MNIST from the four standard idx files, checked by md5, plus image-grid PNG writing.
+"""Datasets for the VLAE: MNIST, Fashion-MNIST, SVHN and CelebA, checked by md5 where md5s are published, plus
+image-grid PNG writing.
 
     from data import load_dataset, batches
     ds = load_dataset("mnist")                 # finds, checks (and if needed downloads) the idx files
     ds.train_x.shape                           # (60000, 1, 28, 28) float32 in [0, 1]
-    for x, y in batches(ds.train_x, ds.train_y, 100, seed=0, epoch=0): ...
+    for x, y in batches(ds.train_x, ds.train_y, 100, seed=0, epoch=0): ...     # x: float32 in [0, 1], any dataset
+
+    mnist, fashion-mnist   the four idx files (gzipped or not), downloaded if missing
+    svhn                   train_32x32.mat and test_32x32.mat (MATLAB v5, read by read_mat below), downloaded if missing
+    celeba                 the folder img_align_celeba/ of JPEGs (no stable URL: download by hand), decoded once into a
+                           64x64 uint8 cache; its x arrays are uint8 in [0, 255] (see as_float)
 
 Where the files are looked for, in order: --data-dir, the environment variable VLAE_DATA, ./data.
 Each is a root folder holding one sub-folder per dataset (<root>/mnist/train-images-idx3-ubyte[.gz], ...);
-a folder that holds the idx files directly works too.
+a folder that holds the files directly works too.
 """
 from __future__ import annotations
-import gzip, hashlib, os, struct, sys, urllib.request
+import gzip, hashlib, os, struct, sys, urllib.request, zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
+
+DATASETS = ("mnist", "fashion-mnist", "svhn", "celeba")
 
 # md5 of the *decompressed* files (the .gz bytes differ between mirrors; the content does not).
 MNIST_FILES = {
@@ -24,7 +33,33 @@ MNIST_FILES = {
 }
 MNIST_MIRRORS = ["https://storage.googleapis.com/cvdf-datasets/mnist/",
                  "https://ossci-datasets.s3.amazonaws.com/mnist/"]
-DATASETS = ("mnist",)
+
+# Fashion-MNIST (Xiao et al. 2017): md5 of the *.gz* files, as published in the README of zalandoresearch/fashion-mnist
+# (and in torchvision). No md5 of the decompressed files is published, so an uncompressed copy is checked only by
+# its idx header. Mirrors: the repository's data/fashion/ folder (https), then the README's S3 website (http only).
+FASHION_FILES = {
+    "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_MIRRORS = ["https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+                   "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
+
+# SVHN (Netzer et al. 2011), "format 2" 32x32 crops: md5 of the files, as listed in torchvision's svhn.py.
+# extra_32x32.mat (md5 a93ce644f1a588dc4d68dda5feec44a7) is not used.
+SVHN_FILES = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+              "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}
+SVHN_MIRRORS = ["http://ufldl.stanford.edu/housenumbers/"]
+
+# CelebA (Liu et al. 2015), aligned and cropped 178x218 JPEGs. The authors' dataset_celeba.py crops the central
+# 108x108 and resizes it to 64x64 (bilinear). md5 of list_eval_partition.txt as listed in torchvision's celeba.py.
+CELEBA_CROP, CELEBA_SIZE = 108, 64
+CELEBA_PARTITION_MD5 = "d32c9cbf5e040fd4025c592c306e6668"
+CELEBA_URLS = "http://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive) or " \
+              "https://www.kaggle.com/datasets/jessicali9530/celeba-dataset"
+
+FIX_BAD_FILE = "delete it and run again to re-download, or point --data-dir / VLAE_DATA at a good copy"
 
 
 class DataError(Exception):
@@ -34,13 +69,20 @@ class DataError(Exception):
 @dataclass
 class Dataset:
     name: str
-    train_x: np.ndarray     # (N, C, H, W) float32 in [0, 1]
-    train_y: np.ndarray     # (N,) int64
+    train_x: np.ndarray     # (N, C, H, W) float32 in [0, 1]; CelebA: uint8 in [0, 255], memory-mapped (see as_float)
+    train_y: np.ndarray     # (N,) int64 class labels; zeros where the dataset has none (CelebA)
     test_x: np.ndarray
     test_y: np.ndarray
+    labelled: bool = True   # False: train_y and test_y are zeros, not classes
 
     @property
     def image_shape(self) -> tuple: return tuple(self.train_x.shape[1:])
+
+
+def as_float(x: np.ndarray) -> np.ndarray:
+    """Images as float32 in [0, 1]. CelebA's arrays are uint8: as float32 its training set would take 10 GB of memory,
+    so it stays uint8 (2.5 GB, memory-mapped) and is converted a batch or a slice at a time."""
+    return np.divide(x, np.float32(255), dtype=np.float32) if x.dtype == np.uint8 else x
 
 
 def data_roots(data_dir: str | None = None) -> list[Path]:
@@ -58,18 +100,23 @@ def find_folder(roots: list[Path], name: str, files) -> Path:
     return roots[0] / name
 
 
-def read_verified(folder: Path, name: str, md5: str) -> bytes:
-    """The decompressed bytes of <name> or <name>.gz in folder, checked against md5."""
-    fix = "delete it and run again to re-download, or point --data-dir / VLAE_DATA at a good copy"
-    for path in (folder / name, folder / (name + ".gz")):
+def check_md5(path: Path, data: bytes, md5: str, of: str = "") -> None:
+    if (got := hashlib.md5(data).hexdigest()) != md5:
+        raise DataError(f"{path} is corrupt: md5{of} is {got}, expected {md5}: {FIX_BAD_FILE}")
+
+
+def read_verified(folder: Path, name: str, md5: str, md5_of_gz: bool = False) -> bytes:
+    """The decompressed bytes of <name> or <name>.gz in folder, checked against md5: the md5 of the decompressed bytes,
+    or with md5_of_gz that of the .gz file (then an uncompressed <name> goes unchecked: there is no md5 to check)."""
+    for path in (folder / (name + ".gz"), folder / name) if md5_of_gz else (folder / name, folder / (name + ".gz")):
         if not path.exists(): continue
         try:
             raw = path.read_bytes()
             data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
         except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{path} is truncated or not valid gzip ({e}): {fix}") from None
-        if (got := hashlib.md5(data).hexdigest()) != md5:
-            raise DataError(f"{path} is corrupt: md5 of its decompressed bytes is {got}, expected {md5}: {fix}")
+            raise DataError(f"{path} is truncated or not valid gzip ({e}): {FIX_BAD_FILE}") from None
+        if not md5_of_gz: check_md5(path, data, md5, " of its decompressed bytes")
+        elif data is not raw: check_md5(path, raw, md5, " of the .gz file")
         return data
     raise DataError(f"{folder / name}[.gz] not found")
 
@@ -88,14 +135,14 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def download(folder: Path, names, mirrors=MNIST_MIRRORS) -> None:
-    """Fetch <name>.gz for each missing name from the first mirror that answers, with a progress line."""
+def download(folder: Path, files, mirrors, how_to_fix: str) -> None:
+    """Fetch each file from the first mirror that answers, with a progress line; how_to_fix ends the error when
+    none does."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if (folder / name).exists() or (folder / (name + ".gz")).exists(): continue
+    for file in files:
         errors = []
         for base in mirrors:
-            url, tmp = base + name + ".gz", folder / (name + ".gz.part")
+            url, tmp = base + file, folder / (file + ".part")
             try:
                 def progress(blocks, block_size, total, url=url):
                     done = blocks * block_size
@@ -103,43 +150,241 @@ def download(folder: Path, names, mirrors=MNIST_MIRRORS) -> None:
                     print(f"\rdownloading {url} {pct}", end="", file=sys.stderr, flush=True)
                 urllib.request.urlretrieve(url, tmp, reporthook=progress)
                 print(file=sys.stderr)
-                os.replace(tmp, folder / (name + ".gz"))
+                os.replace(tmp, folder / file)
                 break
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 errors.append(f"{url}: {e}")
         else:
-            raise DataError(f"{name}.gz is not in {folder} and could not be downloaded ({'; '.join(errors)}); "
-                            f"copy the MNIST idx files there, or point --data-dir / VLAE_DATA at a folder holding them")
+            raise DataError(f"{file} is not in {folder} and could not be downloaded ({'; '.join(errors)}): "
+                            f"{how_to_fix}")
+
+
+# --------------------------------------------------------------------------------------------- MNIST, Fashion-MNIST
+
+def load_idx_dataset(name: str, roots: list[Path], files: dict, mirrors, md5_of_gz: bool = False) -> Dataset:
+    """MNIST-style data: files = {train images, train labels, test images, test labels: md5} in that order."""
+    folder = find_folder(roots, name, files)
+    missing = [n for n in files if not ((folder / n).exists() or (folder / (n + ".gz")).exists())]
+    if missing: download(folder, [n + ".gz" for n in missing], mirrors,
+                         f"copy the {name} idx files there, or point --data-dir / VLAE_DATA at a folder holding them")
+    arrays = [parse_idx(read_verified(folder, n, md5, md5_of_gz), n) for n, md5 in files.items()]
+    train_x, train_y, test_x, test_y = arrays
+
+    def images(a): return (a.astype(np.float32) / 255.0)[:, None]       # (N, 1, 28, 28) in [0, 1]
+    return Dataset(name, images(train_x), train_y.astype(np.int64), images(test_x), test_y.astype(np.int64))
 
 
 def load_mnist(roots: list[Path], mirrors=MNIST_MIRRORS) -> Dataset:
-    folder = find_folder(roots, "mnist", MNIST_FILES)
-    missing = [n for n in MNIST_FILES if not ((folder / n).exists() or (folder / (n + ".gz")).exists())]
-    if missing: download(folder, missing, mirrors)
-    arrays = {n: parse_idx(read_verified(folder, n, md5), n) for n, md5 in MNIST_FILES.items()}
+    return load_idx_dataset("mnist", roots, MNIST_FILES, mirrors)
 
-    def images(n): return (arrays[n].astype(np.float32) / 255.0)[:, None]       # (N, 1, 28, 28) in [0, 1]
-    return Dataset("mnist", images("train-images-idx3-ubyte"), arrays["train-labels-idx1-ubyte"].astype(np.int64),
-                   images("t10k-images-idx3-ubyte"), arrays["t10k-labels-idx1-ubyte"].astype(np.int64))
 
+def load_fashion_mnist(roots: list[Path], mirrors=FASHION_MIRRORS) -> Dataset:
+    return load_idx_dataset("fashion-mnist", roots, FASHION_FILES, mirrors, md5_of_gz=True)
+
+
+# --------------------------------------------------------------------------------------------- SVHN
+
+MAT_TYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}  # miINT8..
+MAT_CLASSES = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
+MI_MATRIX, MI_COMPRESSED = 14, 15
+
+
+def mat_element(buf: memoryview, pos: int, order: str, pad: bool = True) -> tuple[int, memoryview, int]:
+    """The data element at buf[pos]: (type, its data, where the next element starts). A tag is (type, byte count)
+    as two uint32; a 'small' element packs both into one uint32 (count << 16 | type) and its data into the next 4
+    bytes. Inside a matrix elements are padded to 8 bytes; top-level ones are not (compressed ones end anywhere)."""
+    mtype, nbytes = struct.unpack_from(order + "II", buf, pos)
+    if mtype >> 16: return mtype & 0xFFFF, buf[pos + 4:pos + 4 + (mtype >> 16)], pos + 8
+    end = pos + 8 + nbytes
+    if end > len(buf): raise ValueError(f"an element of {nbytes} bytes at byte {pos} runs past the end")
+    return mtype, buf[pos + 8:end], (end + 7) // 8 * 8 if pad else end
+
+
+def mat_matrix(body: memoryview, order: str) -> tuple[str, np.ndarray | None]:
+    """An miMATRIX element's data -> (variable name, array in MATLAB's shape), None for anything but a real numeric
+    array. Subelements: array flags (class in the low byte, complex bit 0x800), dimensions, name, real part."""
+    _, flags, pos = mat_element(body, 0, order)
+    _, dims, pos = mat_element(body, pos, order)
+    _, name, pos = mat_element(body, pos, order)
+    flag_word, name = struct.unpack_from(order + "I", flags)[0], bytes(name).decode("latin-1")
+    if (flag_word & 0xFF) not in MAT_CLASSES or flag_word & 0x800: return name, None
+    shape = tuple(np.frombuffer(dims, order + "i4"))
+    dtype, data, _ = mat_element(body, pos, order)
+    if dtype not in MAT_TYPES: raise ValueError(f"variable {name} has data of unknown type {dtype}")
+    arr = np.frombuffer(data, order + MAT_TYPES[dtype])                  # stored type: may be smaller than the class
+    if arr.size != int(np.prod(shape)): raise ValueError(f"variable {name} holds {arr.size} values, not {shape}")
+    return name, arr.reshape(shape, order="F").astype(MAT_CLASSES[flag_word & 0xFF], copy=False)   # column-major
+
+
+def read_mat(raw: bytes, path) -> dict[str, np.ndarray]:
+    """{name: array} for the real numeric variables of a MATLAB v5 .mat file (MATLAB's -v6 and -v7 formats).
+
+    Why not scipy.io.loadmat: scipy is a heavy dependency for reading two arrays, and SVHN's files use a small part
+    of the format ("MAT-File Format", MathWorks): a 128-byte header (text, version, endian indicator "IM" or "MI"),
+    then one data element per variable, an miMATRIX or an miCOMPRESSED element that zlib-compresses one. Cell,
+    struct, char, sparse and complex variables are skipped; v7.3 files (HDF5) are not read."""
+    if raw[:10] == b"MATLAB 7.3":
+        raise DataError(f"{path} is a MATLAB 7.3 (HDF5) file, which this reader does not read: re-save it with -v7")
+    order = {b"IM": "<", b"MI": ">"}.get(raw[126:128])
+    if len(raw) < 128 or order is None or raw[:4] == b"\0\0\0\0":
+        raise DataError(f"{path} is not a MATLAB v5 .mat file (no v5 header): {FIX_BAD_FILE}")
+    buf, pos, arrays = memoryview(raw), 128, {}
+    try:
+        while pos < len(buf):
+            mtype, body, pos = mat_element(buf, pos, order, pad=False)
+            if mtype == MI_COMPRESSED: mtype, body, _ = mat_element(memoryview(zlib.decompress(body)), 0, order)
+            if mtype != MI_MATRIX: continue
+            name, arr = mat_matrix(body, order)
+            if arr is not None: arrays[name] = arr
+    except (struct.error, zlib.error, ValueError) as e:
+        raise DataError(f"{path} is truncated or not a valid .mat file ({e}): {FIX_BAD_FILE}") from None
+    return arrays
+
+
+def svhn_split(path: Path, md5: str) -> tuple[np.ndarray, np.ndarray]:
+    """One SVHN file: X (32, 32, 3, N) uint8 (row, column, channel, image) and y (N, 1) with 1..10, 10 for digit 0."""
+    raw = path.read_bytes()
+    check_md5(path, raw, md5)
+    mat = read_mat(raw, path)
+    X, y = mat.get("X"), mat.get("y")
+    svhn_like = X is not None and y is not None and X.ndim == 4 and X.shape[:3] == (32, 32, 3)
+    if not svhn_like or X.dtype != np.uint8 or y.size != X.shape[3]:
+        found = {k: v.shape for k, v in mat.items()}
+        raise DataError(f"{path} holds {found}, not X (32x32x3xN uint8) and y (Nx1) as in SVHN: {FIX_BAD_FILE}")
+    labels = y.reshape(-1).astype(np.int64)
+    if labels.min(initial=1) < 1 or labels.max(initial=10) > 10:
+        raise DataError(f"{path} has labels outside 1..10: {FIX_BAD_FILE}")
+    x = X.transpose(3, 2, 0, 1).astype(np.float32, order="C")    # (32, 32, 3, N) -> (N, 3, 32, 32): (N, C, H, W)
+    x /= 255.0
+    return x, labels % 10                                          # SVHN's label 10 is the digit 0
+
+
+def load_svhn(roots: list[Path], mirrors=SVHN_MIRRORS) -> Dataset:
+    folder = find_folder(roots, "svhn", SVHN_FILES)
+    missing = [f for f in SVHN_FILES if not (folder / f).exists()]
+    if missing: download(folder, missing, mirrors, f"download them from {SVHN_MIRRORS[0]} into that folder, "
+                                                   "or point --data-dir / VLAE_DATA at a folder holding them")
+    (train_x, train_y), (test_x, test_y) = (svhn_split(folder / f, md5) for f, md5 in SVHN_FILES.items())
+    return Dataset("svhn", train_x, train_y, test_x, test_y)
+
+
+# --------------------------------------------------------------------------------------------- CelebA
+
+def decode_jpeg(path: Path) -> np.ndarray:
+    """One CelebA image -> (3, 64, 64) uint8: the central 108x108 (rounding as the authors'), resized bilinearly."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            left, top = round((img.width - CELEBA_CROP) / 2), round((img.height - CELEBA_CROP) / 2)
+            # crop, then resize: resize(box=...) would blend in pixels from outside the box at its edges
+            img = img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP))
+            img = img.resize((CELEBA_SIZE, CELEBA_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(img).transpose(2, 0, 1)                    # (H, W, C) -> (C, H, W)
+    except OSError as e:
+        raise DataError(f"{path} is not a readable image ({e}): delete it or unzip img_align_celeba.zip anew") from None
+
+
+def celeba_images(images: Path, names: list[str]) -> np.ndarray:
+    """All images, (N, 3, 64, 64) uint8, memory-mapped from a cache next to the folder,
+    <images>.64x64.<hash of the file names>.npy. The JPEGs are decoded once; when the list of files changes, so does
+    the hash: the old cache is deleted and the images decoded again. (A file replaced under the same name is not
+    noticed: delete the cache.)"""
+    from tinygrad.helpers import tqdm                                  # the only use of tinygrad in data.py
+    key = hashlib.sha1("\n".join([f"crop {CELEBA_CROP}", *names]).encode()).hexdigest()[:12]
+    prefix = f"{images.name}.{CELEBA_SIZE}x{CELEBA_SIZE}."
+    cache, shape = images.parent / (prefix + key + ".npy"), (len(names), 3, CELEBA_SIZE, CELEBA_SIZE)
+    if cache.exists():
+        try:
+            x = np.load(cache, mmap_mode="r")
+            if x.shape == shape and x.dtype == np.uint8: return x
+        except (OSError, ValueError): pass
+        print(f"{cache} is unreadable: decoding the images again", file=sys.stderr)
+    x = np.empty(shape, np.uint8)
+    with ThreadPoolExecutor(os.cpu_count()) as pool, tqdm(total=len(names), desc="decoding CelebA", unit="img") as bar:
+        for start in range(0, len(names), 1024):                  # Pillow releases the GIL while it decodes
+            block = names[start:start + 1024]
+            x[start:start + len(block)] = np.stack(list(pool.map(decode_jpeg, [images / n for n in block])))
+            bar.update(len(block))
+    tmp = cache.with_name(cache.name + ".part")
+    try:
+        with open(tmp, "wb") as f: np.save(f, x)
+        os.replace(tmp, cache)                                     # atomic: a cache file is complete or absent
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"could not write the cache {cache} ({e}): the images will be decoded again next time", file=sys.stderr)
+        return x
+    for old in images.parent.glob(prefix + "*.npy"):
+        if old != cache: old.unlink()
+    return np.load(cache, mmap_mode="r")
+
+
+def celeba_test_rows(folder: Path, names: list[str]) -> np.ndarray:
+    """(N,) bool, True for test images. CelebA's own split where list_eval_partition.txt (md5-checked) or Kaggle's
+    list_eval_partition.csv is in folder: partitions 0 (train) and 1 (valid) train, 2 is the test set. Otherwise
+    the last 10% of the images in file-name order (the official test partition is also the last ~10%)."""
+    txt, csv = folder / "list_eval_partition.txt", folder / "list_eval_partition.csv"
+    if not (txt.exists() or csv.exists()):
+        return np.arange(len(names)) >= len(names) - (len(names) + 9) // 10
+    path = txt if txt.exists() else csv
+    raw = path.read_bytes()
+    if path == txt: check_md5(path, raw, CELEBA_PARTITION_MD5)
+    lines = (line.replace(",", " ").split() for line in raw.decode(errors="replace").splitlines())
+    partition = {fields[0]: fields[1] for fields in lines if len(fields) == 2}       # a csv header line is harmless
+    if missing := [n for n in names if n not in partition]:
+        raise DataError(f"{path} has no partition for {len(missing)} of the images (e.g. {missing[0]}): "
+                        "delete it to split by file name (the last 10% are the test set)")
+    return np.array([partition[n] == "2" for n in names])
+
+
+def rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """x[mask]; a view (no copy of the memory-mapped cache) when the chosen rows are contiguous, as CelebA's are."""
+    idx = np.flatnonzero(mask)
+    return x[idx[0]:idx[-1] + 1] if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else x[idx]
+
+
+def load_celeba(roots: list[Path]) -> Dataset:
+    """CelebA's aligned and cropped JPEGs as 64x64 uint8 arrays (see as_float). No class labels: y are zeros."""
+    folder = find_folder(roots, "celeba", ["img_align_celeba"])
+    images = folder / "img_align_celeba"
+    if not images.is_dir():
+        for zipped in (f / "img_align_celeba.zip" for root in roots for f in (root / "celeba", root)):
+            if zipped.exists(): raise DataError(f"{zipped} is not unzipped: run `unzip {zipped} -d {zipped.parent}`")
+        places = ", ".join(str(r / "celeba") for r in roots)
+        raise DataError(f"CelebA is not in {places}: download img_align_celeba.zip by hand (there is no stable URL) "
+                        f"from {CELEBA_URLS} and unzip it into {folder}, "
+                        f"so that {images / '000001.jpg'} exists")
+    if (images / "img_align_celeba").is_dir(): images = images / "img_align_celeba"    # nested, as some copies unzip
+    names = sorted(f for f in os.listdir(images) if f.lower().endswith((".jpg", ".jpeg")))
+    if not names: raise DataError(f"{images} holds no .jpg files: unzip img_align_celeba.zip into {folder}")
+    test = celeba_test_rows(folder, names)                              # before decoding: it can fail fast
+    x = celeba_images(images, names)
+    train_x, test_x = rows(x, ~test), rows(x, test)
+    return Dataset("celeba", train_x, np.zeros(len(train_x), np.int64), test_x, np.zeros(len(test_x), np.int64),
+                   labelled=False)
+
+
+# --------------------------------------------------------------------------------------------- all datasets
 
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    if name not in DATASETS:
+    loaders = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "svhn": load_svhn, "celeba": load_celeba}
+    if name not in loaders:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    return load_mnist(data_roots(data_dir))
+    return loaders[name](data_roots(data_dir))
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int, start: int = 0,
             binarize: bool = False):
     """Shuffled mini-batches for one epoch, the order a function of (seed, epoch) only, so a resumed run sees
     the same data. start skips the first batches. The last incomplete batch is dropped (jitted shapes are fixed).
+    Batches are float32 in [0, 1] whatever x's dtype (see as_float).
     binarize: dynamic binarization, x ~ Bernoulli(pixel intensity), drawn afresh every epoch."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(x))
     for i in range(start, len(x) // batch_size):
         idx = order[i * batch_size:(i + 1) * batch_size]
-        xb = x[idx]
+        xb = as_float(x[idx])
         if binarize:
             xb = (np.random.default_rng([seed, epoch, i]).random(xb.shape, dtype=np.float32) < xb).astype(np.float32)
         yield xb, y[idx]

@@ -9,7 +9,7 @@ test the optimized kernels instead).
 """
 import os
 os.environ.setdefault("NOOPT", "1")   # before tinygrad is imported: it reads its settings once
-import dataclasses, errno, gzip, json, math, re, shutil, signal, subprocess, sys, time
+import dataclasses, errno, gzip, hashlib, json, math, re, shutil, signal, struct, subprocess, sys, time, zlib
 from pathlib import Path
 import numpy as np
 import pytest
@@ -269,6 +269,204 @@ def test_download_from_mirror(tmp_path):
     if not all((mirror / (f + ".gz")).exists() for f in data.MNIST_FILES): pytest.skip("mirror needs .gz files")
     ds = data.load_mnist([tmp_path / "data"], mirrors=[mirror.resolve().as_uri() + "/"])
     assert len(ds.test_y) == 10000 and (tmp_path / "data/mnist/t10k-labels-idx1-ubyte.gz").exists()
+
+
+def idx_gz(path: Path, arr: np.ndarray) -> bytes:
+    """Write arr as a gzipped unsigned-byte idx file (magic 0x0000080n, big-endian sizes, data); return its bytes."""
+    raw = bytes([0, 0, 8, arr.ndim]) + np.array(arr.shape, ">u4").tobytes() + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gz := gzip.compress(raw))
+    return gz
+
+
+def test_fashion_mnist_download_md5_of_gz_and_errors(tmp_path, monkeypatch):
+    """Fashion-MNIST's published md5s are of the .gz files: checked on a .gz, not on an uncompressed copy."""
+    rng, mirror = np.random.default_rng(0), tmp_path / "mirror"
+    mirror.mkdir()
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28)), "train-labels-idx1-ubyte": np.arange(5),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28)), "t10k-labels-idx1-ubyte": np.arange(3) + 7}
+    for name, arr in arrays.items():
+        monkeypatch.setitem(data.FASHION_FILES, name, hashlib.md5(idx_gz(mirror / (name + ".gz"), arr)).hexdigest())
+    ds = data.load_fashion_mnist([tmp_path / "data"], mirrors=[mirror.as_uri() + "/"])     # downloads from file://
+    assert ds.name == "fashion-mnist" and ds.train_x.shape == (5, 1, 28, 28) and ds.test_x.shape == (3, 1, 28, 28)
+    assert ds.train_x.dtype == np.float32 and ds.test_y.tolist() == [7, 8, 9]
+    np.testing.assert_array_equal(ds.train_x[:, 0] * 255, arrays["train-images-idx3-ubyte"])
+    folder = tmp_path / "data/fashion-mnist"
+    labels = folder / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert data.load_dataset("fashion-mnist", str(tmp_path / "data")).test_y.tolist() == [7, 8, 9]   # unchecked
+    idx_gz(folder / "t10k-labels-idx1-ubyte.gz", np.arange(3))                                      # re-gzipped
+    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte.gz is corrupt: md5 of the .gz file .* expected"):
+        data.load_dataset("fashion-mnist", str(tmp_path / "data"))
+    with pytest.raises(data.DataError, match="could not be downloaded"):
+        data.load_fashion_mnist([tmp_path / "empty"], mirrors=[(tmp_path / "no-such-mirror").as_uri() + "/"])
+
+
+def mat_file(variables: dict, compress: bool) -> bytes:
+    """A MATLAB v5 .mat file written from the format spec, independently of data.read_mat: a 128-byte header, then per
+    variable an miMATRIX element (flags, dimensions, name, column-major data), zlib-compressed in an miCOMPRESSED
+    element if asked. Names of <= 4 bytes use the small element format, as the spec has MATLAB write them. A variable
+    given as (array, stored dtype) is stored in a smaller type than its class, which the spec allows (scipy's loadmat
+    has its mat_dtype option for it): a double y of small integers stored as uint8."""
+    mx_class = {np.dtype(np.uint8): 9, np.dtype(np.float64): 6}
+    mi_type = {np.dtype(np.int8): 1, np.dtype(np.uint8): 2, np.dtype(np.int32): 5, np.dtype(np.uint32): 6,
+               np.dtype(np.float64): 9}
+
+    def element(dtype, payload: bytes) -> bytes:
+        mtype = mi_type[np.dtype(dtype)]
+        if len(payload) <= 4: return struct.pack("<HH", mtype, len(payload)) + payload.ljust(4, b"\0")   # small
+        return struct.pack("<II", mtype, len(payload)) + payload + b"\0" * (-len(payload) % 8)
+    out = [b"MATLAB 5.0 MAT-file, written by test_vlae.py".ljust(116) + bytes(8) + struct.pack("<H", 0x0100) + b"IM"]
+    for name, value in variables.items():
+        arr, stored = value if isinstance(value, tuple) else (value, value.dtype)
+        body = (element(np.uint32, struct.pack("<II", mx_class[arr.dtype], 0)) +
+                element(np.int32, np.array(arr.shape, "<i4").tobytes()) +
+                element(np.int8, name.encode()) + element(stored, arr.astype(stored).tobytes(order="F")))
+        matrix = struct.pack("<II", 14, len(body)) + body                                     # 14: miMATRIX
+        out.append(struct.pack("<II", 15, len(z := zlib.compress(matrix))) + z if compress else matrix)  # 15: zlib
+    return b"".join(out)
+
+
+def svhn_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), rng.integers(1, 11, (n, 1)).astype(np.float64)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_mat_matches_the_writer(compress):
+    X, y = svhn_like(4, 0)
+    arrays = data.read_mat(mat_file({"X": X, "y": (y, np.uint8), "y2": y}, compress), "t.mat")
+    assert sorted(arrays) == ["X", "y", "y2"] and arrays["X"].dtype == np.uint8 and arrays["y"].dtype == np.float64
+    for name, want in (("X", X), ("y", y), ("y2", y)):
+        assert arrays[name].shape == want.shape
+        np.testing.assert_array_equal(arrays[name], want)
+
+
+@pytest.fixture
+def svhn_root(tmp_path, monkeypatch):
+    """A data root with svhn/train_32x32.mat (plain elements, y stored as doubles) and test_32x32.mat (compressed,
+    y stored as uint8), the md5 table pointed at these files; returns (root, train X, train y)."""
+    (folder := tmp_path / "svhn").mkdir()
+    X, y = svhn_like(6, 1)
+    y[:2] = 10                                                               # the digit 0
+    for name, variables, compress in (("train_32x32.mat", {"X": X, "y": y}, False),
+                                      ("test_32x32.mat", {"X": svhn_like(3, 2)[0], "y": (svhn_like(3, 2)[1], np.uint8)},
+                                       True)):
+        (folder / name).write_bytes(raw := mat_file(variables, compress))
+        monkeypatch.setitem(data.SVHN_FILES, name, hashlib.md5(raw).hexdigest())
+    return tmp_path, X, y
+
+
+def test_svhn_loader(svhn_root):
+    root, X, y = svhn_root
+    ds = data.load_dataset("svhn", str(root))
+    assert ds.train_x.shape == (6, 3, 32, 32) and ds.test_x.shape == (3, 3, 32, 32) and ds.image_shape == (3, 32, 32)
+    assert ds.train_x.dtype == np.float32 and 0 <= ds.train_x.min() and ds.train_x.max() <= 1
+    # x[n, c, i, j] is MATLAB's X(i, j, c, n): row i, column j
+    np.testing.assert_array_equal(ds.train_x * 255, X.transpose(3, 2, 0, 1).astype(np.float32))
+    assert ds.train_y.tolist() == [0, 0] + y[2:, 0].astype(int).tolist() and ds.train_y.dtype == np.int64
+    assert 0 <= ds.test_y.min() and ds.test_y.max() <= 9
+
+
+def test_svhn_errors_are_clear(svhn_root, monkeypatch, tmp_path):
+    root, X, y = svhn_root
+    train = root / "svhn/train_32x32.mat"
+    raw = train.read_bytes()
+    with pytest.raises(data.DataError, match="is truncated or not a valid .mat file"):
+        data.read_mat(raw[:len(raw) - 100], train)
+    with pytest.raises(data.DataError, match="is truncated or not a valid .mat file"):               # zlib stream cut
+        data.read_mat(mat_file({"X": X}, compress=True)[:-20], train)
+    with pytest.raises(data.DataError, match="is not a MATLAB v5 .mat file"):
+        data.read_mat(b"\x00" * 200, train)
+    with pytest.raises(data.DataError, match="MATLAB 7.3 .* re-save it with -v7"):
+        data.read_mat(b"MATLAB 7.3 MAT-file" + bytes(600), train)
+    train.write_bytes(raw[:-100])                                                    # the md5 check comes first
+    with pytest.raises(data.DataError, match=r"train_32x32.mat is corrupt: md5 is \w+, expected .*: delete it"):
+        data.load_dataset("svhn", str(root))
+    train.write_bytes(mat_file({"X": X[:, :, :2], "y": y}, compress=False))         # valid .mat, wrong contents
+    monkeypatch.setitem(data.SVHN_FILES, "train_32x32.mat", hashlib.md5(train.read_bytes()).hexdigest())
+    with pytest.raises(data.DataError, match=r"holds .*, not X \(32x32x3xN uint8\)"):
+        data.load_dataset("svhn", str(root))
+    with pytest.raises(data.DataError, match="could not be downloaded .*: download them from http://ufldl"):
+        data.load_svhn([tmp_path / "empty"], mirrors=[(tmp_path / "no-such-mirror").as_uri() + "/"])
+
+
+def celeba_jpegs(folder: Path, n: int, start: int = 1) -> list[np.ndarray]:
+    """n JPEGs of 178x218 named like CelebA's: the central 108x108 one colour, the border another; returns the
+    colours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = []
+    for i in range(start, start + n):
+        colour = np.array([(37 * i) % 256, (91 * i) % 256, (151 * i) % 256], np.uint8)
+        img = np.full((218, 178, 3), 255 - colour, np.uint8)
+        img[55:55 + 108, 35:35 + 108] = colour                 # the authors' crop: rows 55.., columns 35..
+        Image.fromarray(img).save(folder / f"{i:06d}.jpg", quality=95, subsampling=0)     # 4:4:4: no colour bleed
+        colours.append(colour)
+    return colours
+
+
+def test_celeba_loader_cache_and_split(tmp_path, monkeypatch):
+    colours = celeba_jpegs(tmp_path / "celeba/img_align_celeba", 12)
+    t0 = time.perf_counter()
+    ds = data.load_dataset("celeba", str(tmp_path))
+    first = time.perf_counter() - t0
+    assert ds.train_x.shape == (10, 3, 64, 64) and ds.test_x.shape == (2, 3, 64, 64)    # the last 10%, rounded up
+    assert ds.train_x.dtype == np.uint8 and not ds.labelled and not ds.train_y.any() and ds.image_shape == (3, 64, 64)
+    x = np.concatenate([ds.train_x, ds.test_x]).astype(int)
+    # the crop keeps only the centre: every pixel, edges included, is within JPEG noise of its image's colour
+    assert np.abs(x - np.array(colours)[:, :, None, None]).max() <= 8
+    xb, yb = next(data.batches(ds.train_x, ds.train_y, 4, seed=0, epoch=0))
+    assert xb.dtype == np.float32 and xb.shape == (4, 3, 64, 64) and 0 <= xb.min() and xb.max() <= 1
+    np.testing.assert_array_equal(data.as_float(ds.test_x), ds.test_x / np.float32(255))
+    caches = list((tmp_path / "celeba").glob("img_align_celeba.64x64.*.npy"))
+    assert len(caches) == 1 and not list((tmp_path / "celeba").glob("*.part"))
+
+    def no_decoding(path): raise AssertionError(f"{path} decoded again")
+    with monkeypatch.context() as m:
+        m.setattr(data, "decode_jpeg", no_decoding)
+        t0 = time.perf_counter()
+        again = data.load_dataset("celeba", str(tmp_path))
+        assert time.perf_counter() - t0 < max(0.5, first)
+    np.testing.assert_array_equal(again.train_x, ds.train_x)
+
+    celeba_jpegs(tmp_path / "celeba/img_align_celeba", 1, start=13)           # a new file: decode all, new cache
+    decoded = []
+    monkeypatch.setattr(data, "decode_jpeg", lambda path, f=data.decode_jpeg: decoded.append(path) or f(path))
+    grown = data.load_dataset("celeba", str(tmp_path))
+    assert len(decoded) == 13 and len(grown.train_x) + len(grown.test_x) == 13
+    assert [c.name for c in (tmp_path / "celeba").glob("*.npy")] != [caches[0].name]     # the old cache is gone
+    assert len(list((tmp_path / "celeba").glob("*.npy"))) == 1
+
+
+def test_celeba_partition_file_and_errors(tmp_path, monkeypatch):
+    folder = tmp_path / "celeba"
+    with pytest.raises(data.DataError, match="download img_align_celeba.zip by hand .*kaggle"):
+        data.load_dataset("celeba", str(tmp_path))
+    folder.mkdir()
+    (folder / "img_align_celeba.zip").write_bytes(b"PK")
+    with pytest.raises(data.DataError, match="img_align_celeba.zip is not unzipped: run `unzip"):
+        data.load_dataset("celeba", str(tmp_path))
+    (folder / "img_align_celeba").mkdir()
+    with pytest.raises(data.DataError, match="holds no .jpg files: unzip img_align_celeba.zip"):
+        data.load_dataset("celeba", str(tmp_path))
+    celeba_jpegs(folder / "img_align_celeba", 4)
+    partition = folder / "list_eval_partition.txt"
+    partition.write_text("000001.jpg 0\n000002.jpg 2\n000003.jpg 1\n000004.jpg 0\n")
+    with pytest.raises(data.DataError, match=r"list_eval_partition.txt is corrupt: md5 is \w+, expected d32c9cbf"):
+        data.load_dataset("celeba", str(tmp_path))
+    monkeypatch.setattr(data, "CELEBA_PARTITION_MD5", hashlib.md5(partition.read_bytes()).hexdigest())
+    ds = data.load_dataset("celeba", str(tmp_path))                          # partitions 0 and 1 train, 2 tests
+    assert len(ds.train_x) == 3 and len(ds.test_x) == 1
+    np.testing.assert_array_equal(ds.test_x[0], data.decode_jpeg(folder / "img_align_celeba/000002.jpg"))
+    (folder / "img_align_celeba/000005.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    partition.unlink()
+    with pytest.raises(data.DataError, match="000005.jpg is not a readable image .*: delete it"):
+        data.load_dataset("celeba", str(tmp_path))
+
+
+def test_unknown_dataset_lists_all_four():
+    with pytest.raises(data.DataError, match="'cifar': choose one of mnist, fashion-mnist, svhn, celeba$"):
+        data.load_dataset("cifar")
 
 
 # --------------------------------------------------------------------------------------------- training
