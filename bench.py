@@ -44,7 +44,8 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int) -> di
     """One configuration, in this process: warm-up, steady-state training, sampling, GFLOP/s and memory."""
     from tinygrad import Tensor, Device, GlobalCounters
     from train import Trainer, build_model
-    from vlae import ModelConfig, n_params
+    from vlae import ModelConfig, load_programs, n_params
+    load_programs()                                    # what train.py does: kernels kept by an earlier run, if any
     Tensor.manual_seed(0)
     model = build_model(ModelConfig(model=model_name, size=size))
     trainer = Trainer(model, lr=1e-3)

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Context, nn
 from tinygrad.helpers import tqdm
-from tinygrad.nn.state import safe_load, safe_load_metadata, load_state_dict
-from data import DataError, Dataset, batches, load_dataset
-from train import UserError, atomic_safe_save, batched, binarized_test_set, evaluate, load_model
+from data import DataError, Dataset, as_float, batches, load_dataset
+from train import UserError, atomic_safe_save, batched, binarized_test_set, evaluate, load_model, load_part, read_safetensors
 from sample import generate
-from vlae import cached_jit, weights
+from vlae import cached_jit, load_programs, save_programs, weights
 
 ACTIVE = 0.01               # Burda et al. 2015: a unit is active when Cov_x(E_q[z_u]) exceeds this
 ATTRIBUTES = ("identity", "thickness", "width", "slant")
@@ -153,12 +152,13 @@ def load_classifier(path: Path, ds: Dataset, epochs: int) -> tuple[Classifier, f
     clf = Classifier()
     if path.exists():
         try:
-            meta = json.loads(safe_load_metadata(str(path))[2]["__metadata__"]["test_accuracy"])
-            load_state_dict(clf, safe_load(str(path)), verbose=False)
+            state, meta = read_safetensors(path)
+            load_part(clf, state, "")
+            accuracy = json.loads(meta["test_accuracy"])
         except Exception as e:
             raise UserError(f"{path} is not a readable classifier ({type(e).__name__}: {e}); delete it and "
                             f"evaluate.py trains a new one") from None
-        return clf, float(meta)
+        return clf, float(accuracy)
     print(f"training the evaluation classifier once ({epochs} epochs); it is cached at {path}", file=sys.stderr)
     clf, accuracy = train_classifier(ds, epochs)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +262,7 @@ def run_evaluation(args) -> dict:
     cfg = model.cfg
     dataset = meta.get("train", {}).get("dataset", "mnist")
     ds = load_dataset(dataset, args.data_dir)
-    test_x = binarized_test_set(ds.test_x) if cfg.likelihood == "bernoulli" else ds.test_x
+    test_x = binarized_test_set(ds.test_x) if cfg.likelihood == "bernoulli" else as_float(ds.test_x)
     if args.iw_images > len(test_x):
         raise UserError(f"--iw-images {args.iw_images}: the {dataset} test set has only {len(test_x)} images")
     rng = np.random.default_rng(args.seed)
@@ -407,8 +407,10 @@ def check_args(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    load_programs()                                 # kernels compiled by earlier runs (vlae.load_programs)
     try:
         report = run_evaluation(args)
+        save_programs()
         run = Path(args.run)
         out = Path(args.out) if args.out else (run.parent if run.is_file() else run) / "evaluation.json"
         try:

@@ -16,8 +16,9 @@ import argparse, statistics, sys
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
-from data import DataError, load_dataset, image_grid, over_each_other, save_png
+from data import DataError, as_float, load_dataset, image_grid, over_each_other, save_png
 from train import UserError, batched, binarized_test_set, load_model
+from vlae import load_programs, save_programs
 
 QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles
 LABEL_H = 14                 # pixels of the caption strip above each panel
@@ -192,7 +193,7 @@ def reconstruction_figure(model, tag: str, meta: dict, args) -> tuple[np.ndarray
     ds = load_dataset(meta.get("train", {}).get("dataset", "mnist"), args.data_dir)
     test_x = binarized_test_set(ds.test_x) if model.cfg.likelihood == "bernoulli" else ds.test_x
     n, pairs = args.grid, max(1, args.grid // 2)
-    x = test_x[np.random.default_rng([args.seed, 0]).choice(len(test_x), n * pairs, replace=False)]
+    x = as_float(test_x[np.random.default_rng([args.seed, 0]).choice(len(test_x), n * pairs, replace=False)])
     grid = image_grid(over_each_other(x, reconstruct(model, x), n), n, scale=args.scale)
     return grid, f"{tag}: test images (odd rows) over their reconstructions from the posterior means (even rows)"
 
@@ -278,8 +279,10 @@ def sample(args) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    load_programs()                                 # kernels compiled by earlier runs (vlae.load_programs)
     try:
         for path in sample(args): print(path)
+        save_programs()
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

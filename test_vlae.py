@@ -20,6 +20,7 @@ import data
 import evaluate
 import sample
 import train
+import vlae
 from vlae import VLAE, ModelConfig, gaussian_kl, gaussian_log_prob, log_likelihood, n_params
 from hvae import HVAE
 
@@ -98,6 +99,48 @@ def test_elbo_parts_add_up():
     elbo, recon, kl = out.elbo.numpy(), out.recon.numpy(), np.stack([k.numpy() for k in out.kl])
     assert np.isfinite(elbo).all() and (kl >= 0).all()
     np.testing.assert_allclose(elbo, recon - kl.sum(0), rtol=1e-5, atol=1e-3)
+
+
+def test_matmul_convolutions_equal_tinygrads():
+    """Conv4x4s2 and ConvTranspose4x4s2 (im2col / matmul + overlap-add) give tinygrad's Conv2d and ConvTranspose2d
+    outputs and gradients, with the same weights."""
+    rng = np.random.default_rng(0)
+    for ours, ref, shape, out_hw in ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), (2, 3, 8, 6), (4, 3)),
+                                     (vlae.ConvTranspose4x4s2(3, 5), nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1),
+                                      (2, 3, 4, 3), (8, 6))):
+        ref.weight, ref.bias = ours.weight, ours.bias
+        x, up = Tensor(rng.standard_normal(shape, dtype=np.float32)), Tensor(rng.standard_normal((2, 5, *out_hw), dtype=np.float32))
+        results = []
+        for layer in (ours, ref):
+            y = layer(x)
+            results.append([y, *(y * up).sum().gradient(x, ours.weight, ours.bias)])
+        for a, b in zip(*results): np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_program_cache_round_trip(tmp_path, monkeypatch, capsys):
+    """Compiled kernels saved by one run are used by the next (tinygrad does not lower them again), an unreadable
+    cache file is ignored with a note, and VLAE_PROGRAM_CACHE=0 turns the cache off."""
+    import tinygrad.codegen
+    monkeypatch.setattr(vlae, "CACHEDB", str(tmp_path / "cache.db"))
+    monkeypatch.setattr(tinygrad.codegen, "to_program_cache", {})
+    monkeypatch.setattr(vlae, "_saved_programs", 0)
+    x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
+    np.testing.assert_allclose((x * 3 + 1).sum(axis=1).numpy(), [22, 70, 118])
+    vlae.save_programs()
+    path = vlae.program_cache_path()
+    assert path.parent == tmp_path and path.exists() and len(tinygrad.codegen.to_program_cache) > 0
+    tinygrad.codegen.to_program_cache.clear()
+    vlae.load_programs()
+    assert len(tinygrad.codegen.to_program_cache) > 0
+    def no_lowering(*args): raise AssertionError("a cached kernel was lowered again")
+    monkeypatch.setattr(tinygrad.codegen, "do_to_program", no_lowering)
+    y = Tensor(np.ones((3, 4), dtype=np.float32))
+    np.testing.assert_allclose((y * 3 + 1).sum(axis=1).numpy(), [16, 16, 16])     # same kernels, new data
+    path.write_bytes(b"not a pickle")
+    vlae.load_programs()
+    assert "ignoring the unreadable kernel cache" in capsys.readouterr().err
+    monkeypatch.setenv("VLAE_PROGRAM_CACHE", "0")
+    assert vlae.program_cache_path() is None
 
 
 @pytest.mark.parametrize("combiner", ["concat", "gated"])
@@ -464,6 +507,24 @@ def test_celeba_partition_file_and_errors(tmp_path, monkeypatch):
         data.load_dataset("celeba", str(tmp_path))
 
 
+@pytest.mark.parametrize("dataset", ["svhn", "celeba"])
+def test_four_layer_configurations_train_on_colour_data(dataset, svhn_root, tmp_path):
+    """The paper's 4-layer settings (SVHN: codes 5/5/5/10, CelebA: 10 x 4) train on the synthetic files above:
+    a finite loss every step, a checkpoint with the right config, and colour PNGs. (tiny network, a few steps)"""
+    root = svhn_root[0]
+    if dataset == "celeba": celeba_jpegs(root / "celeba/img_align_celeba", 8)
+    out = tmp_path / "run"
+    metrics = run_train(["--dataset", dataset, "--data-dir", str(root), "--size", "tiny", "--epochs", "1",
+                         "--batch-size", "2", "--log-every", "1", "--out", str(out)])
+    shape, dims = {"svhn": ((3, 32, 32), [5, 5, 5, 10]), "celeba": ((3, 64, 64), [10, 10, 10, 10])}[dataset]
+    assert metrics["step"] == 3 and np.isfinite(metrics["test_elbo"]) and len(metrics["test_kl"]) == 4
+    cfg = train.read_checkpoint(out / "checkpoint.safetensors")[1]["config"]
+    assert list(cfg["latent_dims"]) == dims and tuple(cfg["image_shape"]) == shape
+    log = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["train_loss_log"]
+    assert len(log) == 3 and all(np.isfinite(loss) for _, loss in log)
+    with Image.open(out / "samples.png") as img: assert img.mode == "RGB"
+
+
 def test_unknown_dataset_lists_all_four():
     with pytest.raises(data.DataError, match="'cifar': choose one of mnist, fashion-mnist, svhn, celeba$"):
         data.load_dataset("cifar")
@@ -485,8 +546,8 @@ def assert_one_line_errors(main, cases, capsys, extra=()):
 
 
 def copy_run(run: Path, folder: Path, **meta) -> Path:
-    """folder/checkpoint.safetensors: the run's checkpoint with some of its metadata replaced. The safetensors header
-    is rewritten by hand: safe_save copies tensor by tensor, seconds for a checkpoint."""
+    """folder/checkpoint.safetensors: the run's checkpoint with some of its metadata replaced (the header rewritten
+    by hand, the tensor bytes kept)."""
     raw = (run / train.CHECKPOINT).read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
@@ -571,7 +632,7 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
     assert meta["epoch"] == 2 and meta["config"]["size"] == "tiny" and meta["config"]["latent_dims"] == [2, 2, 2]
     model2, _ = train.load_model(out / train.CHECKPOINT)
     # the model's weights exactly: not the buffers captured by the jits that training ran on the model
-    saved = nn.state.safe_load(str(out / train.CHECKPOINT))
+    saved = train.read_safetensors(out / train.CHECKPOINT)[0]
     assert sorted(k for k in saved if k.startswith("model.")) == sorted(f"model.{k}" for k in get_state_dict(model1))
     zs = [Tensor(np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)) for _ in range(3)]
     np.testing.assert_array_equal(model1.decode(zs).numpy(), model2.decode(zs).numpy())
@@ -590,7 +651,7 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
         run_train(common + ["--out", str(stopped), "--epochs", "2"])
     assert e.value.code == 130
     ckpt = stopped / train.CHECKPOINT
-    meta = train.read_checkpoint(ckpt)[1]                 # not the tensors: they would keep the old file open
+    meta = train.read_checkpoint(ckpt)[1]
     assert (meta["step"], meta["epoch"], meta["batch"], len(meta["log"])) == (30, 1, 10, 10)
 
     # a nan loss from step 33 on, first seen at the log point of step 35, stops the run naming step 33; the last
@@ -607,9 +668,9 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
     monkeypatch.setattr(train, "kl_weight", kl_weight)
     run_train(["--out", str(stopped), "--resume"])
     assert comparable(stopped / "metrics.jsonl") == comparable(out / "metrics.jsonl")
-    a, b = nn.state.safe_load(str(out / train.CHECKPOINT)), nn.state.safe_load(str(ckpt))
+    a, b = train.read_safetensors(out / train.CHECKPOINT)[0], train.read_safetensors(ckpt)[0]
     assert a.keys() == b.keys() and {"optim.b1_t", "rng.counter", "train.totals"} <= a.keys()
-    for k in a: np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+    for k in a: np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
     # a second run into the same folder refuses to overwrite it; --resume refuses a config that contradicts it
     with pytest.raises(train.UserError, match="already exists: pass --resume"):
@@ -650,7 +711,7 @@ def test_checkpoint_writes_are_atomic(run, tmp_path, monkeypatch):
     def full_disk(state, name, metadata):
         Path(name).write_bytes(b"the first bytes")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(train, "safe_save", full_disk)
+    monkeypatch.setattr(train, "write_safetensors", full_disk)
     with pytest.raises(train.UserError, match=r"could not write .* \(No space left on device\); free disk space or "
                                               r"choose another --out. The previous file, if any, is untouched"):
         train.atomic_safe_save(state, path, meta)
@@ -668,6 +729,24 @@ def test_checkpoint_writes_are_atomic(run, tmp_path, monkeypatch):
     assert train.read_checkpoint(path)[1]["epoch"] == 0
     train.atomic_safe_save(state, path, meta)
     assert train.read_checkpoint(path)[1]["step"] == 1 and not tmp.exists()
+
+
+def test_safetensors_files_are_standard(tmp_path):
+    """train.write_safetensors writes what tinygrad's safe_load reads (and read_safetensors reads safe_save's); a file
+    cut anywhere is refused."""
+    state = {"w": Tensor(np.arange(6, dtype=np.float32).reshape(2, 3)), "n": Tensor(np.array(7, dtype=np.int32)),
+             "c": Tensor(np.array([1, 2], dtype=np.uint32))}
+    train.write_safetensors(state, str(tmp_path / "a.safetensors"), {"k": "v"})
+    theirs = nn.state.safe_load(str(tmp_path / "a.safetensors"))
+    for k, t in state.items(): np.testing.assert_array_equal(theirs[k].numpy(), t.numpy())
+    nn.state.safe_save(state, str(tmp_path / "b.safetensors"), metadata={"k": "v"})
+    ours, meta = train.read_safetensors(tmp_path / "b.safetensors")
+    assert meta == {"k": "v"} and ours["n"].shape == ()                          # a 0-d tensor stays 0-d
+    for k, t in state.items(): assert ours[k].dtype == t.numpy().dtype and (ours[k] == t.numpy()).all()
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    for cut in (4, 20, len(raw) - 1):
+        (tmp_path / "c.safetensors").write_bytes(raw[:cut])
+        with pytest.raises(ValueError): train.read_safetensors(tmp_path / "c.safetensors")
 
 
 DIMS = (2, 2, 2)

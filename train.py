@@ -16,18 +16,19 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Device, Context, dtypes, nn
 from tinygrad.helpers import tqdm
-from tinygrad.nn.state import safe_save, safe_load, safe_load_metadata, load_state_dict
-from data import DataError, load_dataset, batches, image_grid, over_each_other, save_png
-from vlae import VLAE, ModelConfig, SIZES, cached_jit, default_size, n_params, weights
+from data import DataError, as_float, load_dataset, batches, image_grid, over_each_other, save_png
+from vlae import VLAE, ModelConfig, SIZES, cached_jit, default_size, load_programs, n_params, save_programs, weights
 from hvae import HVAE
 
 MODELS = {"vlae": VLAE, "hvae": HVAE}
 CHECKPOINT = "checkpoint.safetensors"
 BATCH = 100                 # evaluation and sampling run at this batch size (padded): one compile each
 # Training flags left unset take these, or, with --resume, the checkpoint's values: a plain --resume continues exactly
-TRAIN_DEFAULTS = {"epochs": 3, "batch_size": 100, "lr": 1e-3, "kl_warmup": 1000, "seed": 0, "subset": 0,
-                  "log_every": 50}
+TRAIN_DEFAULTS = {"dataset": "mnist", "epochs": 3, "batch_size": 100, "lr": 1e-3, "kl_warmup": 1000, "seed": 0,
+                  "subset": 0, "log_every": 50}
 DATA_ORDER = ("dataset", "batch_size", "seed", "subset")    # these fix which batch comes next: --resume keeps them
+# The authors' code sizes per dataset (../shared/DESIGN.md): 3 layers of 2 on MNIST, 4 layers on SVHN and CelebA
+LATENT_DIMS = {"mnist": (2, 2, 2), "fashion-mnist": (2, 2, 2), "svhn": (5, 5, 5, 10), "celeba": (10, 10, 10, 10)}
 
 
 class UserError(Exception):
@@ -74,12 +75,49 @@ def save_checkpoint(path: Path, model, opt, meta: dict, totals: Tensor | None = 
     atomic_safe_save(state, path, meta)
 
 
+# safetensors dtype names (https://github.com/huggingface/safetensors) of the dtypes a checkpoint holds
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U32": np.uint32,
+                      "U8": np.uint8, "BOOL": np.bool_}
+
+
+def write_safetensors(state: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """A safetensors file: an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape and byte
+    range, plus string metadata), then the raw bytes. Each tensor is read back with .numpy(); tinygrad's safe_save
+    instead schedules a copy per tensor onto a DISK device, seconds for a checkpoint on a CPU."""
+    names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+    arrays = {k: v.numpy() for k, v in state.items()}                   # (tobytes below writes C order)
+    header, offset = {"__metadata__": metadata}, 0
+    for k, a in arrays.items():
+        header[k] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)                                     # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for a in arrays.values(): f.write(a.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays and the string metadata of a safetensors file; ValueError if it is cut short or malformed."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    if len(raw) < 8 + n: raise ValueError(f"its header needs {n} bytes, the file has {len(raw) - 8}")
+    header = json.loads(raw[8:8 + n])
+    metadata, body = header.pop("__metadata__", {}), memoryview(raw)[8 + n:]
+    if (end := max((v["data_offsets"][1] for v in header.values()), default=0)) != len(body):
+        raise ValueError(f"its header describes {end} bytes of data, the file holds {len(body)}")
+    arrays = {k: np.frombuffer(body[v["data_offsets"][0]:v["data_offsets"][1]], SAFETENSORS_DTYPES[v["dtype"]])
+              .reshape(v["shape"]) for k, v in header.items()}
+    return arrays, metadata
+
+
 def atomic_safe_save(state: dict[str, Tensor], path: Path, meta: dict) -> None:
-    """safe_save with JSON metadata, written to a temporary file, flushed and renamed over `path`."""
+    """A safetensors file with JSON metadata, written to a temporary file, flushed and renamed over `path`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        safe_save(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-        with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        write_safetensors(state, str(tmp), {k: json.dumps(v) for k, v in meta.items()})
         os.replace(tmp, path)
     except OSError as e:        # e.g. ENOSPC, a full disk
         tmp.unlink(missing_ok=True)
@@ -94,7 +132,7 @@ def atomic_safe_save(state: dict[str, Tensor], path: Path, meta: dict) -> None:
         finally: os.close(fd)
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """The tensors and the decoded metadata of a checkpoint, or a UserError saying what to do."""
     if path.is_dir() or not path.suffix: path = path / CHECKPOINT
     if not path.exists():
@@ -104,9 +142,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
         raise UserError(f"no checkpoint in {run}: train one first with `{command}`, or point at a run folder "
                         f"that holds {CHECKPOINT}")
     try:
-        _, _, header = safe_load_metadata(str(path))
-        meta = {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
-        state = safe_load(str(path))
+        state, header = read_safetensors(path)
+        meta = {k: json.loads(v) for k, v in header.items()}
         if "config" not in meta: raise ValueError("no config in its metadata")
     except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same to the user
         raise UserError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {e}); "
@@ -114,9 +151,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
     return state, meta
 
 
-def load_part(obj, state: dict[str, Tensor], prefix: str) -> None:
-    """Copy the checkpoint tensors named prefix.* into obj (a model, or the dict of optimizer_state)."""
-    load_state_dict(obj, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, verbose=False)
+def load_part(obj, state: dict[str, np.ndarray], prefix: str) -> None:
+    """Set obj's tensors (a model's weights(), or a dict such as optimizer_state) to the checkpoint arrays named
+    prefix.*; KeyError or ValueError if one is missing or does not fit. Call it before a jit captures them: each
+    tensor gets a new buffer."""
+    for name, t in (obj if isinstance(obj, dict) else weights(obj)).items():
+        a = state[prefix + name]
+        # (a 0-d array would become a constant, not a buffer that training updates in place: give it one element)
+        new = Tensor(a.reshape(-1).copy(), device=t.device).reshape(t.shape) if a.shape == t.shape else None
+        if new is None or new.dtype != t.dtype:
+            raise ValueError(f"{prefix + name} is {a.dtype} {a.shape}, the model's {t.dtype} {t.shape}")
+        t.replace(new)
 
 
 def load_model(path: Path):
@@ -159,7 +204,18 @@ class Trainer:
         # and read at log points, so that naming the exact step costs no sync per step
         self.steps = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
         self.first_bad = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
-        self.step = TinyJit(self._step)
+        # Everything the step reads and updates is made a buffer now: left lazy, the initial weights' random draws and
+        # Adam's zero moments would be folded into the first step's graph, which then takes 2-3x longer to build
+        Tensor.realize(*weights(model).values(), *optimizer_state(self.opt).values(), self.opt.lr)
+        self.jit = TinyJit(self._step)
+
+    def step(self, x: Tensor, beta: Tensor) -> Tensor:
+        """One jitted training step (see _step). The first call builds and compiles the graph, the second captures
+        it, and from then on each call replays the captured kernels; after the capture the compiled kernels are
+        saved for the next run (vlae.save_programs)."""
+        stats = self.jit(x, beta)
+        if self.jit.cnt == 2: save_programs()
+        return stats
 
     def _step(self, x: Tensor, beta: Tensor) -> Tensor:
         """One Adam step on a batch x (B, C, H, W); returns (loss, recon, kl_1..kl_L) of this batch."""
@@ -225,13 +281,16 @@ def write_pngs(trainer: Trainer, out: Path, test_x: np.ndarray, recon: np.ndarra
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a Variational Ladder Autoencoder (Zhao, Song & Ermon 2017).")
-    p.add_argument("--dataset", default="mnist", help="dataset name (mnist)")
+    p.add_argument("--dataset", default=None,
+                   help="mnist (default), fashion-mnist, svhn or celeba; see README, Datasets")
     p.add_argument("--model", default=None, choices=sorted(MODELS), help="which model to train (default vlae)")
     # training and model flags default to None: a fresh run fills in the defaults, a resumed one its checkpoint's
     p.add_argument("--epochs", type=int, default=None, help="total epochs (default 3; a resumed run stops there)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 100, the authors' value)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--latent-dims", default=None, help="code size per layer, bottom first, e.g. 2,2,2 (default)")
+    p.add_argument("--latent-dims", default=None,
+                   help="code size per layer, bottom first (default: the authors' 2,2,2 for mnist and fashion-mnist, "
+                        "5,5,5,10 for svhn, 10,10,10,10 for celeba)")
     p.add_argument("--size", default=None, choices=sorted(SIZES),
                    help="network width: paper = the authors' network; default: paper on a GPU, narrow on CPU")
     p.add_argument("--combiner", default=None, choices=["concat", "gated"],
@@ -251,18 +310,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=None,
                    help="steps between progress-bar updates and loss-log entries (default 50; each is a sync)")
     args = p.parse_args(argv)
-    args.out = Path(args.out or f"out/{args.dataset}-{args.model or 'vlae'}")
+    args.out = Path(args.out or f"out/{args.dataset or 'mnist'}-{args.model or 'vlae'}")
     return args
 
 
 def model_config(args, image_shape: tuple) -> ModelConfig:
-    """The ModelConfig the flags ask for; flags left unset take the defaults."""
+    """The ModelConfig the flags ask for; flags left unset take the defaults (the authors' code sizes per dataset)."""
     try:
-        dims = tuple(int(d) for d in (args.latent_dims or "2,2,2").split(","))
+        dims = tuple(int(d) for d in args.latent_dims.split(",")) if args.latent_dims else LATENT_DIMS[args.dataset]
     except ValueError:
         raise UserError(f"--latent-dims {args.latent_dims!r} is not a comma-separated list of integers, e.g. 2,2,2")
     if len(dims) < 2 or min(dims) < 1:
         raise UserError(f"--latent-dims {args.latent_dims}: give at least 2 layers, each of size >= 1, e.g. 2,2,2")
+    if args.likelihood == "bernoulli" and image_shape[0] != 1:
+        raise UserError(f"--likelihood bernoulli binarizes grey-scale digits; {args.dataset} is in colour: use the "
+                        f"default gaussian likelihood")
     return ModelConfig(model=args.model or "vlae", image_shape=image_shape, latent_dims=dims,
                        size=args.size or default_size(), combiner=args.combiner or "concat",
                        likelihood=args.likelihood or "gaussian",
@@ -339,6 +401,7 @@ def train(args) -> dict:
     cfg = ModelConfig(**meta["config"]) if args.resume else model_config(args, ds.image_shape)
     Tensor.manual_seed(args.seed)
 
+    load_programs()                                 # kernels compiled by earlier runs (vlae.load_programs)
     model = build_model(cfg)
     trainer = Trainer(model, args.lr)
     # step: steps taken; epoch: epochs completed; batch: batches of the current epoch done (> 0 after a stop
@@ -346,11 +409,10 @@ def train(args) -> dict:
     step, epoch, batch, log = 0, 0, 0, []
     if args.resume:
         load_weights(model, trainer.opt, state, ckpt_path)
-        rng_counter().assign(state["rng.counter"].to(Device.DEFAULT)).realize()
-        if "train.totals" in state: trainer.totals.assign(state["train.totals"].to(Device.DEFAULT)).realize()
+        rng_counter().assign(Tensor(state["rng.counter"].copy())).realize()
+        if "train.totals" in state: trainer.totals.assign(Tensor(state["train.totals"].copy())).realize()
         step, epoch, batch, log = meta["step"], meta["epoch"], meta.get("batch", 0), meta.get("log", [])
-        del state   # its tensors map the old checkpoint file: let tinygrad close it (the next save replaces it)
-    Tensor.realize(*weights(model).values())
+    Tensor.realize(*weights(model).values(), *optimizer_state(trainer.opt).values())
     first_step, saved_step = step, (step if args.resume else None)
 
     def check_finite() -> None:
@@ -374,7 +436,7 @@ def train(args) -> dict:
     other = "paper" if cfg.size == "narrow" else "narrow"
     args.out.mkdir(parents=True, exist_ok=True)
     binarize = cfg.likelihood == "bernoulli"
-    test_x = binarized_test_set(ds.test_x) if binarize else ds.test_x
+    test_x = binarized_test_set(ds.test_x) if binarize else as_float(ds.test_x)     # CelebA is kept as uint8
     steps_per_epoch = len(train_x) // args.batch_size
     train_meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     metrics = meta.get("metrics", {}) if args.resume else {}
@@ -425,6 +487,7 @@ def train(args) -> dict:
             except OSError as e:
                 raise UserError(f"could not write to {args.out} ({e.strerror}); free disk space and --resume, or "
                                 f"choose another --out. {ckpt_path} holds epoch {epoch}") from None
+            save_programs()                 # the evaluation and sampling kernels too
             print(f"epoch {epoch}: test ELBO {metrics['test_elbo']:.2f} nats (recon {metrics['test_recon']:.2f}, "
                   f"KL per layer {' '.join(f'{k:.2f}' for k in metrics['test_kl'])}), "
                   f"{metrics['images_per_second']:.0f} images/s; wrote {ckpt_path}", file=sys.stderr)

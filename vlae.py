@@ -12,18 +12,23 @@ diagonal Gaussian, the two likelihoods r(x; .) and the shared image encoder/deco
     out = model.elbo(x)            # x: (B, 1, 28, 28) in [0, 1]; out.elbo: (B,) nats
 """
 from __future__ import annotations
-import math
+import importlib.metadata, math, os, pickle, sys
 from dataclasses import dataclass, asdict, field
+from pathlib import Path
 from typing import NamedTuple
+import tinygrad.codegen
 from tinygrad import Tensor, TinyJit, nn, Device
+from tinygrad.helpers import CACHEDB, CACHELEVEL
 from tinygrad.nn.state import get_state_dict
 
-# Network widths. `paper` is the authors' MNIST network (../shared/DESIGN.md); `narrow` keeps its shape
-# with fewer units so that a 2-core CPU trains it in minutes; `tiny` is for tests and smoke runs only.
+# Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units
+# so that a 2-core CPU trains it in minutes; `tiny` is for tests and smoke runs only. "channels" gives, per image
+# height, the stride-2 convolutions from the image to a small feature map: 28 -> 7x7 (MNIST, the authors' two
+# convolutions), 32 -> 4x4 (SVHN, their 64/128/256) and 64 -> 4x4 (CelebA, their 64..512); "hidden" is the dense width.
 SIZES = {
-    "paper": {"channels": (64, 128), "hidden": 1024},
-    "narrow": {"channels": (16, 32), "hidden": 256},
-    "tiny": {"channels": (4, 8), "hidden": 32},
+    "paper": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 1024},
+    "narrow": {"channels": {28: (16, 32), 32: (16, 32, 64), 64: (16, 32, 64, 128)}, "hidden": 256},
+    "tiny": {"channels": {28: (4, 8), 32: (4, 8, 8), 64: (4, 8, 8, 8)}, "hidden": 32},
 }
 LOG_2PI = math.log(2 * math.pi)
 
@@ -43,12 +48,17 @@ class ModelConfig:
     combiner: str = "concat"                 # "concat" (Eq. 11) or "gated" (the authors' released code)
     likelihood: str = "gaussian"             # "gaussian" (fixed variance, the paper's r) or "bernoulli"
     sigma_x: float = 0.1                     # std of the fixed-variance Gaussian likelihood
-    channels: tuple = field(default=())      # filled from SIZES when empty
+    channels: tuple = field(default=())      # conv channels; filled from SIZES when empty
     hidden: int = 0                          # filled from SIZES when 0
 
     def __post_init__(self):
         self.image_shape, self.latent_dims = tuple(self.image_shape), tuple(self.latent_dims)
-        if not self.channels: self.channels = SIZES[self.size]["channels"]
+        if not self.channels:
+            by_height = SIZES[self.size]["channels"]
+            if self.image_shape[1] not in by_height:
+                raise ValueError(f"no {self.size} network for {self.image_shape[1]}-pixel images; "
+                                 f"known heights: {sorted(by_height)} (or give channels)")
+            self.channels = by_height[self.image_shape[1]]
         if not self.hidden: self.hidden = SIZES[self.size]["hidden"]
         self.channels = tuple(self.channels)
 
@@ -75,11 +85,49 @@ def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
     return layers + dense(hidden, hidden)
 
 
+class Conv4x4s2(nn.Conv2d):
+    """nn.Conv2d(c_in, c_out, 4, stride=2, padding=1): the same weights and outputs, computed as one matrix product.
+    tinygrad differentiates a strided convolution into a dilated one, several times slower than a matmul on a CPU;
+    gathering each output's 4x4 input window first (im2col) makes the forward and backward passes matmuls."""
+    def __init__(self, c_in: int, c_out: int): super().__init__(c_in, c_out, 4, stride=2, padding=1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h, w = H // 2, W // 2
+        # the padded input in 2x2 cells: cells[b, c, i, r, j, s] = x_pad[b, c, 2i + r, 2j + s]
+        cells = x.pad((1, 1, 1, 1)).reshape(B, C, h + 1, 2, w + 1, 2)
+        # output (i, j) reads cells i + q, j + t (q, t in {0, 1}), i.e. kernel row 2q + r and column 2t + s
+        windows = Tensor.stack(*[cells[:, :, q:q + h, :, t:t + w, :] for q in (0, 1) for t in (0, 1)], dim=-1)
+        windows = windows.reshape(B, C, h, 2, w, 2, 2, 2).permute(0, 2, 4, 1, 6, 3, 7, 5)   # (B, i, j, c, q, r, t, s)
+        patches = windows.reshape(B * h * w, C * 16).contiguous()
+        y = patches @ self.weight.reshape(-1, C * 16).T + self.bias                       # weight[o, c, 2q+r, 2t+s]
+        return y.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+
+
+class ConvTranspose4x4s2(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1): the same weights and outputs, computed as one matrix
+    product and an overlap-add. tinygrad's own transposed convolution convolves an input with zeros inserted between
+    its pixels, so 3 of every 4 multiply-adds are with zeros."""
+    def __init__(self, c_in: int, c_out: int): super().__init__(c_in, c_out, 4, stride=2, padding=1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        # every input pixel (i, j) spreads a 4x4 patch: patch[b, i, j, o, q, r, t, s] = sum_c x * weight[c, o, 2q+r, 2t+s]
+        patch = x.permute(0, 2, 3, 1).reshape(B * H * W, C) @ self.weight.reshape(C, -1)
+        patch = patch.reshape(B, H, W, -1, 2, 2, 2, 2)
+        # ... onto rows 2(i + q) + r and columns 2(j + t) + s of the (2H + 2, 2W + 2) output before cropping: the
+        # q = 1 (t = 1) quarter lands one 2x2 cell further down (right), so the overlap-add is 4 shifted sums
+        quarter = lambda q, t: patch[:, :, :, :, q, :, t, :].pad(((0, 0), (q, 1 - q), (t, 1 - t), (0, 0), (0, 0), (0, 0)))
+        full = quarter(0, 0) + quarter(0, 1) + quarter(1, 0) + quarter(1, 1)                # (B, H+1, W+1, o, r, s)
+        full = full.permute(0, 3, 1, 4, 2, 5).reshape(B, -1, 2 * H + 2, 2 * W + 2)
+        return full[:, :, 1:-1, 1:-1] + self.bias.reshape(1, -1, 1, 1)                    # padding=1 crops 1 pixel
+
+
 def conv_encoder(image_shape: tuple, channels: tuple) -> list:
-    """x (B, C, H, W) -> features (B, c_last * H/4 * W/4): 4x4 stride-2 convolutions, BN, leaky ReLU."""
+    """x (B, C, H, W) -> features (B, c_last * H/2^n * W/2^n): n 4x4 stride-2 convolutions, BN, leaky ReLU."""
     layers, c_in = [], image_shape[0]
     for c in channels:
-        layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.BatchNorm(c), lrelu]
+        layers += [Conv4x4s2(c_in, c), nn.BatchNorm(c), lrelu]
         c_in = c
     return layers + [lambda x: x.flatten(1)]
 
@@ -90,7 +138,7 @@ def conv_features(image_shape: tuple, channels: tuple) -> int:
 
 
 def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
-    """features (B, n_in) -> logits (B, C, H, W): dense to a (c_last, H/4, W/4) map, then transposed convs."""
+    """features (B, n_in) -> logits (B, C, H, W): dense to a (c_last, H/2^n, W/2^n) map, then n transposed convs."""
     c_img, h, w = image_shape
     n = len(channels)
     c0, h0, w0 = channels[-1], h >> n, w >> n
@@ -98,7 +146,7 @@ def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
     outs = list(reversed(channels[:-1])) + [c_img]
     c_in = c0
     for i, c in enumerate(outs):
-        layers.append(nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1))
+        layers.append(ConvTranspose4x4s2(c_in, c))
         if i < len(outs) - 1: layers += [nn.BatchNorm(c), relu]
         c_in = c
     return layers
@@ -158,6 +206,48 @@ def cached_jit(obj, name: str, fn) -> TinyJit:
     attr = f"_{name}_jit"
     if attr not in vars(obj): setattr(obj, attr, TinyJit(fn))
     return getattr(obj, attr)
+
+
+def program_cache_path() -> Path | None:
+    """Where compiled kernels are kept between runs: beside tinygrad's own cache (its CACHEDB), one file per tinygrad
+    version. None when caching is off (VLAE_PROGRAM_CACHE=0, or tinygrad's CACHELEVEL=0)."""
+    if os.environ.get("VLAE_PROGRAM_CACHE", "1") == "0" or CACHELEVEL.value < 1: return None
+    return Path(CACHEDB).parent / f"vlae-programs-tinygrad-{importlib.metadata.version('tinygrad')}.pkl"
+
+
+_saved_programs = 0
+
+
+def load_programs() -> None:
+    """Fill tinygrad's in-memory kernel cache from program_cache_path(). tinygrad turns each kernel of a graph into
+    source code and compiles it; its CACHEDB keeps only the compiler's output, so a new process still spends most of
+    a minute (CPU) re-deriving the ~300 distinct kernels of a training step. The programs themselves are kept here,
+    keyed as tinygrad keys them (the kernel's AST, the device's renderer and the settings that change code), so a
+    cached program is only ever used for the kernel it was made from. An unreadable file is ignored (and replaced)."""
+    global _saved_programs
+    if (path := program_cache_path()) is None or not path.exists(): return
+    try:
+        with open(path, "rb") as f: programs = pickle.load(f)
+    except Exception as e:
+        print(f"note: ignoring the unreadable kernel cache {path} ({type(e).__name__}); it is rebuilt", file=sys.stderr)
+        return
+    tinygrad.codegen.to_program_cache.update(programs)
+    _saved_programs = len(tinygrad.codegen.to_program_cache)
+
+
+def save_programs() -> None:
+    """Write tinygrad's kernel cache to program_cache_path() if it grew (atomically; a failure only costs speed)."""
+    global _saved_programs
+    programs = dict(tinygrad.codegen.to_program_cache)
+    if (path := program_cache_path()) is None or len(programs) <= _saved_programs: return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f: pickle.dump(programs, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+        _saved_programs = len(programs)
+    except (OSError, pickle.PicklingError):
+        tmp.unlink(missing_ok=True)
 
 
 def init_weights(model) -> None:
