@@ -18,7 +18,8 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, Context, nn
 from tinygrad.helpers import tqdm
 from data import DataError, Dataset, as_float, batches, load_dataset
-from train import UserError, atomic_safe_save, batched, binarized_test_set, evaluate, load_model, load_part, read_safetensors
+from train import (UserError, atomic_safe_save, batched, binarized_test_set, evaluate, load_model, load_part,
+                   read_safetensors)
 from sample import generate
 from vlae import cached_jit, load_programs, save_programs, weights
 

@@ -105,11 +105,12 @@ def test_matmul_convolutions_equal_tinygrads():
     """Conv4x4s2 and ConvTranspose4x4s2 (im2col / matmul + overlap-add) give tinygrad's Conv2d and ConvTranspose2d
     outputs and gradients, with the same weights."""
     rng = np.random.default_rng(0)
-    for ours, ref, shape, out_hw in ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), (2, 3, 8, 6), (4, 3)),
-                                     (vlae.ConvTranspose4x4s2(3, 5), nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1),
-                                      (2, 3, 4, 3), (8, 6))):
+    cases = ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), (2, 3, 8, 6), (4, 3)),
+             (vlae.ConvTranspose4x4s2(3, 5), nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), (2, 3, 4, 3), (8, 6)))
+    for ours, ref, shape, out_hw in cases:
         ref.weight, ref.bias = ours.weight, ours.bias
-        x, up = Tensor(rng.standard_normal(shape, dtype=np.float32)), Tensor(rng.standard_normal((2, 5, *out_hw), dtype=np.float32))
+        x = Tensor(rng.standard_normal(shape, dtype=np.float32))
+        up = Tensor(rng.standard_normal((2, 5, *out_hw), dtype=np.float32))
         results = []
         for layer in (ours, ref):
             y = layer(x)

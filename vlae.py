@@ -112,12 +112,13 @@ class ConvTranspose4x4s2(nn.ConvTranspose2d):
 
     def __call__(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        # every input pixel (i, j) spreads a 4x4 patch: patch[b, i, j, o, q, r, t, s] = sum_c x * weight[c, o, 2q+r, 2t+s]
+        # every input pixel (i, j) spreads a 4x4 patch:
+        # patch[b, i, j, o, q, r, t, s] = sum_c x[b, c, i, j] * weight[c, o, 2q + r, 2t + s]
         patch = x.permute(0, 2, 3, 1).reshape(B * H * W, C) @ self.weight.reshape(C, -1)
         patch = patch.reshape(B, H, W, -1, 2, 2, 2, 2)
         # ... onto rows 2(i + q) + r and columns 2(j + t) + s of the (2H + 2, 2W + 2) output before cropping: the
         # q = 1 (t = 1) quarter lands one 2x2 cell further down (right), so the overlap-add is 4 shifted sums
-        quarter = lambda q, t: patch[:, :, :, :, q, :, t, :].pad(((0, 0), (q, 1 - q), (t, 1 - t), (0, 0), (0, 0), (0, 0)))
+        def quarter(q, t): return patch[:, :, :, :, q, :, t, :].pad(((0, 0), (q, 1 - q), (t, 1 - t), None, None, None))
         full = quarter(0, 0) + quarter(0, 1) + quarter(1, 0) + quarter(1, 1)                # (B, H+1, W+1, o, r, s)
         full = full.permute(0, 3, 1, 4, 2, 5).reshape(B, -1, 2 * H + 2, 2 * W + 2)
         return full[:, :, 1:-1, 1:-1] + self.bias.reshape(1, -1, 1, 1)                    # padding=1 crops 1 pixel
