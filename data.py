@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
-DATASETS = ("mnist", "fashion-mnist", "svhn", "celeba")
-
 # md5 of the *decompressed* files (the .gz bytes differ between mirrors; the content does not).
 MNIST_FILES = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -171,8 +169,8 @@ def load_idx_dataset(name: str, roots: list[Path], files: dict, mirrors, md5_of_
     arrays = [parse_idx(read_verified(folder, n, md5, md5_of_gz), n) for n, md5 in files.items()]
     train_x, train_y, test_x, test_y = arrays
 
-    def images(a): return (a.astype(np.float32) / 255.0)[:, None]       # (N, 1, 28, 28) in [0, 1]
-    return Dataset(name, images(train_x), train_y.astype(np.int64), images(test_x), test_y.astype(np.int64))
+    return Dataset(name, as_float(train_x)[:, None], train_y.astype(np.int64), as_float(test_x)[:, None],
+                   test_y.astype(np.int64))                            # x: (N, 1, 28, 28) in [0, 1]
 
 
 def load_mnist(roots: list[Path], mirrors=MNIST_MIRRORS) -> Dataset:
@@ -255,8 +253,7 @@ def svhn_split(path: Path, md5: str) -> tuple[np.ndarray, np.ndarray]:
     labels = y.reshape(-1).astype(np.int64)
     if labels.min(initial=1) < 1 or labels.max(initial=10) > 10:
         raise DataError(f"{path} has labels outside 1..10: {FIX_BAD_FILE}")
-    x = X.transpose(3, 2, 0, 1).astype(np.float32, order="C")    # (32, 32, 3, N) -> (N, 3, 32, 32): (N, C, H, W)
-    x /= 255.0
+    x = as_float(np.ascontiguousarray(X.transpose(3, 2, 0, 1)))    # (32, 32, 3, N) -> (N, 3, 32, 32): (N, C, H, W)
     return x, labels % 10                                          # SVHN's label 10 is the digit 0
 
 
@@ -367,11 +364,14 @@ def load_celeba(roots: list[Path]) -> Dataset:
 
 # --------------------------------------------------------------------------------------------- all datasets
 
+LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "svhn": load_svhn, "celeba": load_celeba}
+DATASETS = tuple(LOADERS)
+
+
 def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    loaders = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "svhn": load_svhn, "celeba": load_celeba}
-    if name not in loaders:
+    if name not in LOADERS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    return loaders[name](data_roots(data_dir))
+    return LOADERS[name](data_roots(data_dir))
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int, start: int = 0,

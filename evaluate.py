@@ -154,7 +154,7 @@ def load_classifier(path: Path, ds: Dataset, epochs: int) -> tuple[Classifier, f
     if path.exists():
         try:
             state, meta = read_safetensors(path)
-            load_part(clf, state, "")
+            load_part(clf, state)
             accuracy = json.loads(meta["test_accuracy"])
         except Exception as e:
             raise UserError(f"{path} is not a readable classifier ({type(e).__name__}: {e}); delete it and "

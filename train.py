@@ -64,15 +64,21 @@ def rng_counter() -> Tensor:
     return Tensor._device_rng_counters[Device.DEFAULT]
 
 
+def checkpoint_tensors(model, opt=None, totals: Tensor | None = None) -> dict[str, Tensor]:
+    """A checkpoint's tensors by name, for saving and for loading: the model's weights (model.*), and for a training
+    run Adam's state (optim.*), tinygrad's RNG counter and the running sums of the epoch so far (train.totals)."""
+    state = {f"model.{k}": v for k, v in weights(model).items()}
+    if opt is not None:
+        state |= {f"optim.{k}": v for k, v in optimizer_state(opt).items()}
+        state["rng.counter"] = rng_counter()
+    if totals is not None: state["train.totals"] = totals
+    return state
+
+
 def save_checkpoint(path: Path, model, opt, meta: dict, totals: Tensor | None = None) -> None:
     """Write to a temporary file, flush it to disk, then rename over the old checkpoint: a crash at any moment
-    leaves either the previous checkpoint or the new one, never a half-written file. totals: the running sums of
-    the epoch so far (a checkpoint saved mid-epoch)."""
-    state = {f"model.{k}": v for k, v in weights(model).items()}
-    state |= {f"optim.{k}": v for k, v in optimizer_state(opt).items()}
-    state["rng.counter"] = rng_counter()
-    if totals is not None: state["train.totals"] = totals
-    atomic_safe_save(state, path, meta)
+    leaves either the previous checkpoint or the new one, never a half-written file."""
+    atomic_safe_save(checkpoint_tensors(model, opt, totals), path, meta)
 
 
 # safetensors dtype names (https://github.com/huggingface/safetensors) of the dtypes a checkpoint holds
@@ -151,16 +157,16 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return state, meta
 
 
-def load_part(obj, state: dict[str, np.ndarray], prefix: str) -> None:
-    """Set obj's tensors (a model's weights(), or a dict such as optimizer_state) to the checkpoint arrays named
-    prefix.*; KeyError or ValueError if one is missing or does not fit. Call it before a jit captures them: each
-    tensor gets a new buffer."""
+def load_part(obj, state: dict[str, np.ndarray]) -> None:
+    """Set obj's tensors (a model's weights(), or a dict of tensors such as checkpoint_tensors) to the arrays of the
+    same names in state; KeyError or ValueError if one is missing or does not fit. Call it before a jit captures them:
+    each tensor gets a new buffer."""
     for name, t in (obj if isinstance(obj, dict) else weights(obj)).items():
-        a = state[prefix + name]
+        a = state[name]
         # (a 0-d array would become a constant, not a buffer that training updates in place: give it one element)
         new = Tensor(a.reshape(-1).copy(), device=t.device).reshape(t.shape) if a.shape == t.shape else None
         if new is None or new.dtype != t.dtype:
-            raise ValueError(f"{prefix + name} is {a.dtype} {a.shape}, the model's {t.dtype} {t.shape}")
+            raise ValueError(f"{name} is {a.dtype} {a.shape}, the model's {t.dtype} {t.shape}")
         t.replace(new)
 
 
@@ -168,16 +174,15 @@ def load_model(path: Path):
     """Rebuild a model from the config stored in a checkpoint and load its weights (for sample.py, evaluate.py)."""
     state, meta = read_checkpoint(path)
     model = build_model(ModelConfig(**meta["config"]))
-    load_weights(model, None, state, path)
+    load_weights(model, state, path)
     return model, meta
 
 
-def load_weights(model, opt, state: dict[str, Tensor], path: Path) -> None:
-    """The model's weights (and Adam's state, if opt) from a checkpoint, or a UserError if they do not fit the model
-    its config describes (a file edited or copied from another run)."""
+def load_weights(model, state: dict[str, np.ndarray], path: Path, opt=None, totals: Tensor | None = None) -> None:
+    """The checkpoint_tensors(model, opt, totals) from a checkpoint's arrays, or a UserError if they do not fit the
+    model its config describes (a file edited or copied from another run)."""
     try:
-        load_part(model, state, "model.")
-        if opt is not None: load_part(optimizer_state(opt), state, "optim.")
+        load_part(checkpoint_tensors(model, opt, totals), state)
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} holds weights that do not fit the {model.cfg.model.upper()} its config describes "
                         f"({type(e).__name__}: {e}); point at another run folder") from None
@@ -408,11 +413,10 @@ def train(args) -> dict:
     # mid-epoch); log: (step, loss) at the log points of the current epoch
     step, epoch, batch, log = 0, 0, 0, []
     if args.resume:
-        load_weights(model, trainer.opt, state, ckpt_path)
-        rng_counter().assign(Tensor(state["rng.counter"].copy())).realize()
-        if "train.totals" in state: trainer.totals.assign(Tensor(state["train.totals"].copy())).realize()
+        totals = trainer.totals if "train.totals" in state else None      # (absent from older checkpoints)
+        load_weights(model, state, ckpt_path, trainer.opt, totals)
+        Tensor.realize(*checkpoint_tensors(model, trainer.opt, totals).values())  # buffers before the first step
         step, epoch, batch, log = meta["step"], meta["epoch"], meta.get("batch", 0), meta.get("log", [])
-    Tensor.realize(*weights(model).values(), *optimizer_state(trainer.opt).values())
     first_step, saved_step = step, (step if args.resume else None)
 
     def check_finite() -> None:
