@@ -945,6 +945,50 @@ def test_iw_bound_grows_with_k_towards_log_mean_w():
     assert means[0] == pytest.approx(m, abs=0.01) and means[-1] == pytest.approx(m + s * s / 2, abs=0.05)
 
 
+def test_explained_shares_of_the_grid_protocol():
+    """identity_explained: 1 when each cell fixes the label, about 0 when labels ignore the cell. style_explained: the
+    intraclass correlation of cell effect + noise, with no credit for what the label alone determines."""
+    rng = np.random.default_rng(0)
+    assert evaluate.identity_explained(np.repeat(np.arange(49)[:, None] % 10, 20, 1)) == 1
+    assert abs(evaluate.identity_explained(rng.integers(0, 10, (49, 20)))) < 0.02
+    labels = rng.integers(0, 10, (49, 20))
+    cell = rng.standard_normal((49, 1))
+    noisy = cell + rng.standard_normal((49, 20))                                 # var 1 from the cell, 1 from noise
+    assert evaluate.style_explained(noisy, labels) == pytest.approx(0.5, abs=0.15)
+    by_label = np.repeat(np.arange(49)[:, None] % 10, 20, 1)                     # the cell fixes the label ...
+    assert evaluate.style_explained(by_label * 3.0 + rng.standard_normal((49, 20)), by_label) < 0.05   # ... and width
+    assert evaluate.most([0.0, 0.0, 0.0]) == 0 and evaluate.most([0.2, 0.5, 0.5]) == 0 and evaluate.most([1, 3, 2]) == 2
+
+
+def test_study_measures_find_the_layer_behind_each_attribute():
+    """study.measure (evaluate.hierarchy through study.py's row) on a synthetic generator: z_1 sets the stroke's
+    thickness, z_2 its slant, z_3 its height. Both Fig. 5 measures must credit thickness to the bottom layer and
+    slant to the middle one; the table counts the checks over seeds."""
+    import study
+
+    def generate_fn(eps):
+        lead, z = eps[0].shape[:-1], [e.reshape(-1, e.shape[-1])[:, 0] for e in eps]
+        images = [bar(int(np.clip(round(3 + 1.2 * a), 1, 6)), int(np.clip(round(16 + 4 * c), 8, 22)), 0.4 * b)
+                  for a, b, c in zip(*z)]
+        return np.stack(images).reshape(*lead, 1, 28, 28)
+
+    class Small:
+        bases, resamples, grid, grid_draws, samples, seed = 20, 5, 4, 6, 50, 0
+
+    Tensor.manual_seed(0)
+    clf = evaluate.Classifier()
+    features = np.random.default_rng(0).standard_normal((200, 128))
+    row = study.measure(generate_fn, (2, 2, 2), {"test_elbo": -1.0, "test_kl": [1.0] * 3}, clf, features, Small)
+    for m in ("resample", "grid"):
+        assert row["fig5"]["by_measure"][m]["most_changed_by"]["thickness"] == 1, m
+        assert row["fig5"]["by_measure"][m]["most_changed_by"]["slant"] == 2, m
+    assert row["fig5"]["checks"]["bottom = thickness"] and row["fig5"]["checks"]["middle = width/slant"]
+    rows = [row | {"recipe": "r", "width": "w", "trainer": "t", "epoch": 1, "seed": s, "train_seconds": 60.0}
+            for s in (0, 1)]
+    line = study.table(rows).splitlines()[-1]
+    assert line.startswith("| r | w | t | 1 | 0,1 | 2/2 (2, 2) | 2/2 (2, 2) |") and "1.0 min" in line, line
+
+
 def test_evaluate_report_end_to_end(run, tmp_path, capsys):
     """The whole report on the untrained tiny checkpoint, with an untrained cached classifier (training the real
     one takes minutes): the JSON and the markdown hold every section, and the numbers are consistent."""
@@ -953,7 +997,8 @@ def test_evaluate_report_end_to_end(run, tmp_path, capsys):
     Tensor.manual_seed(0)
     train.atomic_safe_save(get_state_dict(evaluate.Classifier()), clf_path, {"test_accuracy": 0.1, "epochs": 0})
     argv = ["--run", str(run), "--k", "100", "--iw-images", "10", "--bases", "3", "--resamples", "2",
-            "--samples", "30", "--classifier", str(clf_path), "--out", str(tmp_path / "ev.json")]
+            "--samples", "30", "--grid", "3", "--grid-draws", "2", "--classifier", str(clf_path),
+            "--out", str(tmp_path / "ev.json")]
     assert evaluate.main(argv) == 0
     out = capsys.readouterr().out
     r = json.loads((tmp_path / "ev.json").read_text())
@@ -966,8 +1011,10 @@ def test_evaluate_report_end_to_end(run, tmp_path, capsys):
     assert abs(iw[0] - like["subset_elbo"]) < 0.5
     assert len(r["layers"]["raw"]) == 3
     assert all(abs(sum(v) - 1) < 1e-6 or sum(v) == 0 for v in r["layers"]["normalised"].values())
+    assert len(r["grid"]) == 3 and set(r["fig5"]["by_measure"]) == {"resample", "grid"}
     assert set(r["samples"]) == {"ancestral", "mnist_train"} and r["classifier"]["test_accuracy"] == 0.1
-    for text in ("IW-100, 10 test images", "active units", "Fig. 5 hierarchy", "Frechet distance", "| z_3 (top) |"):
+    for text in ("IW-100, 10 test images", "active units", "Fig. 5 hierarchy", "authors' grid", "Frechet distance",
+                 "| z_3 (top) |"):
         assert text in out, text
 
 
@@ -977,6 +1024,8 @@ def test_evaluate_errors_are_one_line(run, bad_runs, tmp_path, capsys):
     files = folder_contents(tmp_path)
     cases = [(["--run", str(run), "--k", "0"], "--k must be >= 1"),
              (["--run", str(run), "--resamples", "1"], "--resamples must be >= 2"),
+             (["--run", str(run), "--grid-draws", "1"], "--grid-draws must be >= 2"),
+             (["--run", str(run), "--grid", "0"], "--grid must be >= 1"),
              (["--run", str(run), "--iw-images", "20000"], "test set has only 10000 images")]
     assert_one_line_errors(evaluate.main, bad_runs + cases, capsys, ["--out", str(tmp_path / "ev.json")])
     with pytest.raises(train.UserError, match="not a readable classifier .* delete it"):
