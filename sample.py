@@ -42,11 +42,15 @@ def quantile_grid(n: int) -> np.ndarray:
     return np.stack(np.meshgrid(q, q), axis=-1)
 
 
-def grid_sweep(dims: tuple, layer: int, n: int, panels: int, rng: np.random.Generator) -> list[np.ndarray]:
+def grid_sweep(dims: tuple, layer: int, n: int, panels: int, rng: np.random.Generator,
+               fresh: bool = False) -> list[np.ndarray]:
     """Fig. 5: layer `layer` (1-based, a 2-D code) on an n x n quantile grid; every other layer drawn once per panel
-    from N(0, I) and held fixed across it. Draws go panel by panel, so panel 0 does not depend on `panels`."""
+    from N(0, I) and held fixed across it. Draws go panel by panel, so panel 0 does not depend on `panels`.
+    fresh: every other layer drawn afresh for each image instead (the authors' protocol: what the grid position
+    controls whatever the other layers hold)."""
     if dims[layer - 1] != 2: raise ValueError(f"layer {layer} has a {dims[layer - 1]}-D code; a grid needs 2-D")
-    fixed = [[rng.standard_normal(d) for d in dims] for _ in range(panels)]
+    if fresh: fixed = [[rng.standard_normal((n, n, d)) for d in dims] for _ in range(panels)]
+    else: fixed = [[rng.standard_normal(d) for d in dims] for _ in range(panels)]
     eps = [np.stack([np.broadcast_to(f[i], (n, n, d)) for f in fixed]) for i, d in enumerate(dims)]
     eps[layer - 1] = np.broadcast_to(quantile_grid(n), (panels, n, n, 2))
     return [e.astype(np.float32) for e in eps]
@@ -69,11 +73,12 @@ def is_grid(model_name: str, dims: tuple, layer: int) -> bool:
     return model_name == "vlae" and dims[layer - 1] == 2
 
 
-def layer_sweep(model_name: str, dims: tuple, layer: int, n: int, panels: int, seed: int) -> list[np.ndarray]:
+def layer_sweep(model_name: str, dims: tuple, layer: int, n: int, panels: int, seed: int,
+                fresh: bool = False) -> list[np.ndarray]:
     """The noise `--sweep-layer layer` decodes: grid_sweep where is_grid, else row_sweep (for an HVAE these are the
     eps of Eq. 15, not z). Seeded per layer, so sweep-all.png shows the first panel of each sweep-layerN.png."""
     rng = np.random.default_rng([seed, layer])
-    if is_grid(model_name, dims, layer): return grid_sweep(dims, layer, n, panels, rng)
+    if is_grid(model_name, dims, layer): return grid_sweep(dims, layer, n, panels, rng, fresh)
     return row_sweep(dims, layer, n, n, rng)
 
 
@@ -125,9 +130,9 @@ def where(layer: int, L: int) -> str:
     return " (bottom)" if layer == 1 else " (top)" if layer == L else ""
 
 
-def what_varies(cfg, layer: int) -> str:
+def what_varies(cfg, layer: int, fresh: bool = False) -> str:
     name = f"{'eps' if cfg.model == 'hvae' else 'z'}_{layer}"
-    if is_grid(cfg.model, cfg.latent_dims, layer): return f"{name} on a grid"
+    if is_grid(cfg.model, cfg.latent_dims, layer): return f"{name} on a grid" + (", the rest fresh" if fresh else "")
     if cfg.latent_dims[layer - 1] == 1: return f"{name} swept across, context down"
     return f"columns resample {name}, context down"
 
@@ -135,14 +140,14 @@ def what_varies(cfg, layer: int) -> str:
 def sweep_figure(model, tag: str, layer: int, args) -> tuple[np.ndarray, str]:
     """sweep-layerN.png: the panels of layer_sweep side by side."""
     cfg, L, n = model.cfg, model.L, args.grid
-    eps = layer_sweep(cfg.model, cfg.latent_dims, layer, n, args.panels, args.seed)
+    eps = layer_sweep(cfg.model, cfg.latent_dims, layer, n, args.panels, args.seed, args.fresh)
     images = generate(model, eps)                                   # (panels, rows, cols, C, H, W)
     head = f"{tag}: layer {layer} of {L}{where(layer, L)} varies"
     if is_grid(cfg.model, cfg.latent_dims, layer):
         lo, hi = QUANTILES
         head += (f": z_{layer} on a {n}x{n} grid of N(0,1) quantiles {lo:g}..{hi:g} (unit 1 across, unit 2 down); "
-                 f"the other layers drawn once per panel")
-        labels = [f"other layers: draw {p + 1}" for p in range(len(images))]
+                 f"the other layers drawn {'afresh for every image' if args.fresh else 'once per panel'}")
+        labels = [f"other layers: {'fresh draws' if args.fresh else 'draw'} {p + 1}" for p in range(len(images))]
     else:
         head += "; each row holds one draw of the other layers"
         labels = [what_varies(cfg, layer)]
@@ -154,10 +159,11 @@ def sweep_all_figure(model, tag: str, args) -> tuple[np.ndarray, str]:
     cfg, L = model.cfg, model.L
     grids, labels = [], []
     for layer in range(1, L + 1):
-        eps = layer_sweep(cfg.model, cfg.latent_dims, layer, args.grid, 1, args.seed)
+        eps = layer_sweep(cfg.model, cfg.latent_dims, layer, args.grid, 1, args.seed, args.fresh)
         grids.append(panel(generate(model, eps)[0], args.scale))
-        labels.append(f"layer {layer}{where(layer, L)}: {what_varies(cfg, layer)}")
-    head = f"{tag}: each panel varies one layer and holds the others fixed; layer 1 (bottom) left, {L} (top) right"
+        labels.append(f"layer {layer}{where(layer, L)}: {what_varies(cfg, layer, args.fresh)}")
+    rest = "draws the others afresh for every image" if args.fresh else "holds the others fixed"
+    head = f"{tag}: each panel varies one layer and {rest}; layer 1 (bottom) left, {L} (top) right"
     return side_by_side(grids, labels), head
 
 
@@ -213,6 +219,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--panels", type=int, default=3,
                    help="panels of a 2-D grid sweep, each with its own fixed draw of the other layers "
                         "(default %(default)s)")
+    p.add_argument("--fresh", action="store_true",
+                   help="with --sweep-layer: draw the other layers afresh for every image of a grid (the authors' "
+                        "protocol: the swept layer should mean the same whatever the others hold); writes "
+                        "sweep-layerN-fresh.png / sweep-all-fresh.png")
     p.add_argument("--gibbs", type=int, default=None, metavar="STEPS",
                    help="HVAE: run the bottom-layer Gibbs chain of Proposition 1 for STEPS steps: gibbs.png")
     p.add_argument("--chain-means", action="store_true",
@@ -265,9 +275,10 @@ def sample(args) -> list[Path]:
     cfg = model.cfg
     tag = f"{cfg.model.upper()} {cfg.size} {'/'.join(map(str, cfg.latent_dims))}, epoch {meta.get('epoch', '?')}"
     figures = []
+    suffix = "-fresh" if args.fresh else ""
     for s in sweeps:
-        if s == "all": figures.append(("sweep-all.png", *sweep_all_figure(model, tag, args)))
-        else: figures.append((f"sweep-layer{s}.png", *sweep_figure(model, tag, s, args)))
+        if s == "all": figures.append((f"sweep-all{suffix}.png", *sweep_all_figure(model, tag, args)))
+        else: figures.append((f"sweep-layer{s}{suffix}.png", *sweep_figure(model, tag, s, args)))
     if args.gibbs: figures.append(("gibbs.png", *gibbs_figure(model, tag, args)))
     if args.prior: figures.append(("prior.png", *prior_figure(model, tag, args)))
     if args.reconstruct: figures.append(("reconstructions.png", *reconstruction_figure(model, tag, meta, args)))

@@ -105,23 +105,41 @@ def torch_cells(args, cfg: ModelConfig, recipe: dict, seed: int, ds, on_cell) ->
 
 def tinygrad_cells(args, cfg: ModelConfig, recipe: dict, seed: int, folder: Path, on_cell) -> None:
     """Train with train.py (resumed from snapshot to snapshot) and measure each snapshot."""
-    import sample, train
-    run = folder / "train"
+    import train
+    run = folder
     for epoch in sorted(args.epochs):
         flags = ["--out", str(run), "--epochs", str(epoch)]
         if (run / train.CHECKPOINT).exists(): flags.append("--resume")
         else:
-            flags += ["--model", cfg.model, "--seed", str(seed), "--size", cfg.size, "--combiner", cfg.combiner, "--likelihood",
-                      cfg.likelihood, "--sigma-x", str(cfg.sigma_x), "--kl-warmup", str(recipe["kl_warmup"]),
-                      "--lr", str(recipe["lr"])]
-        t0 = time.perf_counter()
+            flags += ["--model", cfg.model, "--seed", str(seed), "--size", cfg.size, "--combiner", cfg.combiner,
+                      "--likelihood", cfg.likelihood, "--sigma-x", str(cfg.sigma_x), "--kl-warmup",
+                      str(recipe["kl_warmup"]), "--lr", str(recipe["lr"])]
         subprocess.run([sys.executable, "train.py", *flags], check=True)
-        model, meta = train.load_model(run)
-        m = meta["metrics"]
-        seconds = sum(json.loads(line)["epoch_seconds"] for line in open(run / "metrics.jsonl"))
-        on_cell(epoch, meta["step"], seconds, {"test_elbo": m["test_elbo"], "test_kl": m["test_kl"],
-                                               "wall_seconds": time.perf_counter() - t0},
-                lambda eps: sample.generate(model, eps), None)
+        measure_run(run, on_cell)
+
+
+def measure_run(run: Path, on_cell) -> None:
+    """Measure a run folder of train.py (its checkpoint, on the tinygrad model)."""
+    import sample, train
+    model, meta = train.load_model(run)
+    m = meta["metrics"]
+    seconds = sum(json.loads(line)["epoch_seconds"] for line in open(run / "metrics.jsonl"))
+    on_cell(meta["epoch"], meta["step"], seconds, {"test_elbo": m["test_elbo"], "test_kl": m["test_kl"]},
+            lambda eps: sample.generate(model, eps), None)
+
+
+def width_of(cfg: ModelConfig) -> str:
+    """The size preset's name, or the channels and dense width when they were given."""
+    preset = ModelConfig(size=cfg.size, image_shape=cfg.image_shape)
+    if (cfg.channels, cfg.hidden) == (preset.channels, preset.hidden): return cfg.size
+    return f"c{'-'.join(map(str, cfg.channels))}-h{cfg.hidden}"
+
+
+def recipe_of(cfg: ModelConfig, flags: dict) -> tuple[str, dict]:
+    """The recipe a train.py run used (from its checkpoint), named after RECIPES where it is one of them."""
+    recipe = {"combiner": cfg.combiner, "likelihood": cfg.likelihood, "sigma_x": cfg.sigma_x,
+              "kl_warmup": flags["kl_warmup"], "lr": flags["lr"]}
+    return next((name for name, r in RECIPES.items() if r == recipe), "custom"), recipe
 
 
 def run_study(args) -> None:
@@ -130,40 +148,48 @@ def run_study(args) -> None:
     load_programs()
     clf, _ = evaluate.load_classifier(Path(args.classifier), ds, 2)
     _, test_features = evaluate.classify(clf, ds.test_x)
-    for name in args.recipe:
+
+    def cell_writer(cfg: ModelConfig, label: str, recipe: dict, seed: int, folder: Path, trainer: str):
+        """on_cell(epoch, step, seconds, elbo, generate_fn, state): measure one snapshot and append its row; state (the
+        weights of a torch run, else None) is first written as a checkpoint that sample.py and evaluate.py load."""
+        width = width_of(cfg)
+
+        def on_cell(epoch, step, seconds, elbo, generate_fn, state):
+            t0 = time.perf_counter()
+            checkpoint = folder / f"e{epoch}" if state is not None else folder
+            if state is not None:
+                checkpoint.mkdir(parents=True, exist_ok=True)
+                from tinygrad import Tensor
+                meta = {"config": cfg.to_dict(), "train": {"dataset": "mnist", "seed": seed, **recipe,
+                                                           "trainer": "torch"}, "step": step, "epoch": epoch}
+                train.atomic_safe_save({f"model.{k}": Tensor(v) for k, v in state.items()},
+                                       checkpoint / train.CHECKPOINT, meta)
+            if cfg.model == "vlae": measured = measure(generate_fn, cfg.latent_dims, elbo, clf, test_features)
+            else: measured = measure_hvae(generate_fn, checkpoint, cfg.latent_dims, elbo, clf, test_features)
+            row = {"model": cfg.model, "recipe": label, **recipe, "width": width, "channels": list(cfg.channels),
+                   "hidden": cfg.hidden, "seed": seed, "epoch": epoch, "step": step, "trainer": trainer,
+                   "train_seconds": round(seconds, 1), "threads": args.threads if trainer == "torch" else None,
+                   "checkpoint": str(checkpoint), **measured, "measure_seconds": round(time.perf_counter() - t0, 1),
+                   "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
+            RESULTS.parent.mkdir(exist_ok=True)
+            with open(RESULTS, "a") as f: f.write(json.dumps(row) + "\n")
+            print(summary(row), file=sys.stderr, flush=True)
+        return on_cell
+
+    for run in args.measure:                  # run folders of train.py, measured as they are
+        model, meta = train.load_model(run)
+        label, recipe = recipe_of(model.cfg, meta["train"])
+        measure_run(run, cell_writer(model.cfg, label, recipe, meta["train"]["seed"], run, "tinygrad"))
+    for name in ([] if args.measure else args.recipe):
         recipe = dict(RECIPES[name])
         for k in recipe:
             if getattr(args, k) is not None: recipe[k] = getattr(args, k)
         label = name + "".join(f"+{k}={getattr(args, k)}" for k in RECIPES[name] if getattr(args, k) is not None)
         cfg = ModelConfig(model=args.model, size=args.size, combiner=recipe["combiner"], likelihood=recipe["likelihood"],
                           sigma_x=recipe["sigma_x"], channels=args.channels or (), hidden=args.hidden or 0)
-        width = args.size if not (args.channels or args.hidden) else f"c{'-'.join(map(str, cfg.channels))}-h{cfg.hidden}"
         for seed in args.seeds:
-            folder = Path(args.out) / f"{args.model}-{label}-{width}" / f"s{seed}"
-
-            def on_cell(epoch, step, seconds, elbo, generate_fn, state):
-                t0 = time.perf_counter()
-                cell = folder / f"e{epoch}"
-                if state is not None:       # a torch run: write a checkpoint that sample.py and evaluate.py load
-                    cell.mkdir(parents=True, exist_ok=True)
-                    from tinygrad import Tensor
-                    meta = {"config": cfg.to_dict(), "train": {"dataset": "mnist", "seed": seed, **recipe,
-                                                               "trainer": "torch"}, "step": step, "epoch": epoch}
-                    train.atomic_safe_save({f"model.{k}": Tensor(v) for k, v in state.items()},
-                                           cell / train.CHECKPOINT, meta)
-                checkpoint = cell if state is not None else folder / "train"
-                if cfg.model == "vlae": measured = measure(generate_fn, cfg.latent_dims, elbo, clf, test_features)
-                else: measured = measure_hvae(generate_fn, checkpoint, cfg.latent_dims, elbo, clf, test_features)
-                row = {"model": cfg.model, "recipe": label, **recipe, "width": width, "channels": list(cfg.channels), "hidden": cfg.hidden,
-                       "seed": seed, "epoch": epoch, "step": step, "trainer": args.trainer,
-                       "train_seconds": round(seconds, 1), "threads": args.threads,
-                       "checkpoint": str(checkpoint), **measured,
-                       "measure_seconds": round(time.perf_counter() - t0, 1),
-                       "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
-                RESULTS.parent.mkdir(exist_ok=True)
-                with open(RESULTS, "a") as f: f.write(json.dumps(row) + "\n")
-                print(summary(row), file=sys.stderr, flush=True)
-
+            folder = Path(args.out) / f"{args.model}-{label}-{width_of(cfg)}" / f"s{seed}"
+            on_cell = cell_writer(cfg, label, recipe, seed, folder, args.trainer)
             if args.trainer == "torch": torch_cells(args, cfg, recipe, seed, ds, on_cell)
             else: tinygrad_cells(args, cfg, recipe, seed, folder, on_cell)
     save_programs()
@@ -235,6 +261,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each a separate run")
     p.add_argument("--epochs", default="3", help="comma-separated epochs at which to measure; trains to the largest")
     p.add_argument("--trainer", default="torch", choices=("torch", "tinygrad"))
+    p.add_argument("--measure", nargs="*", default=[], type=Path,
+                   help="instead of training: measure these run folders of train.py (e.g. out/mnist-vlae) and add rows")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", default="out/study", help="folder for the checkpoints")
     p.add_argument("--classifier", default="out/mnist-classifier.safetensors", help="evaluate.py's cached classifier")

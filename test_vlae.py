@@ -619,7 +619,7 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
     mnist_folder()
     out = tmp_path / "run"
     common = ["--model", model, "--size", "tiny", "--subset", "1000", "--batch-size", "50", "--kl-warmup", "10",
-              "--log-every", "1"]
+              "--lr", "1e-3", "--log-every", "1"]
     run_train(common + ["--out", str(out), "--epochs", "2"])
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in m] == [1, 2] and m[1]["step"] == 40
@@ -676,8 +676,8 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
     # a second run into the same folder refuses to overwrite it; --resume refuses a config that contradicts it
     with pytest.raises(train.UserError, match="already exists: pass --resume"):
         run_train(common + ["--out", str(out), "--epochs", "3"])
-    with pytest.raises(train.UserError, match="trained with combiner=concat"):
-        run_train(common + ["--out", str(out), "--epochs", "3", "--resume", "--combiner", "gated"])
+    with pytest.raises(train.UserError, match="trained with combiner=gated"):
+        run_train(common + ["--out", str(out), "--epochs", "3", "--resume", "--combiner", "concat"])
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
@@ -783,6 +783,11 @@ def test_grid_sweep_varies_only_the_swept_layer(layer):
     # panel 0 does not depend on how many panels are drawn: sweep-all.png shows the first panel of each sweep
     one = sample.grid_sweep(DIMS, layer, n, 1, np.random.default_rng(1))
     for a, b in zip(one, eps): np.testing.assert_array_equal(a[0], b[0])
+    # --fresh (the authors' protocol): the same grid, every other layer drawn anew for each image
+    fresh = sample.grid_sweep(DIMS, layer, n, panels, np.random.default_rng(1), fresh=True)
+    for i, (e, f) in enumerate(zip(eps, fresh)):
+        if i == layer - 1: np.testing.assert_array_equal(e, f)
+        else: assert len({f[p, r, c].tobytes() for p in range(panels) for r in range(n) for c in range(n)}) == panels * n * n
 
 
 @pytest.mark.parametrize("layer", [1, 2, 3])

@@ -24,7 +24,9 @@ MODELS = {"vlae": VLAE, "hvae": HVAE}
 CHECKPOINT = "checkpoint.safetensors"
 BATCH = 100                 # evaluation and sampling run at this batch size (padded): one compile each
 # Training flags left unset take these, or, with --resume, the checkpoint's values: a plain --resume continues exactly
-TRAIN_DEFAULTS = {"dataset": "mnist", "epochs": 3, "batch_size": 100, "lr": 1e-3, "kl_warmup": 1000, "seed": 0,
+# The authors' recipe at the time of the paper (../shared/DESIGN.md; README, Reproducing the paper): Adam 2e-4, KL warm-up
+# T = 15000, with ModelConfig's gated combiner and sigma_x = 0.25
+TRAIN_DEFAULTS = {"dataset": "mnist", "epochs": 3, "batch_size": 100, "lr": 2e-4, "kl_warmup": 15000, "seed": 0,
                   "subset": 0, "log_every": 50}
 DATA_ORDER = ("dataset", "batch_size", "seed", "subset")    # these fix which batch comes next: --resume keeps them
 # The authors' code sizes per dataset (../shared/DESIGN.md): 3 layers of 2 on MNIST, 4 layers on SVHN and CelebA
@@ -292,19 +294,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     # training and model flags default to None: a fresh run fills in the defaults, a resumed one its checkpoint's
     p.add_argument("--epochs", type=int, default=None, help="total epochs (default 3; a resumed run stops there)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 100, the authors' value)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4, the authors')")
     p.add_argument("--latent-dims", default=None,
                    help="code size per layer, bottom first (default: the authors' 2,2,2 for mnist and fashion-mnist, "
                         "5,5,5,10 for svhn, 10,10,10,10 for celeba)")
     p.add_argument("--size", default=None, choices=sorted(SIZES),
                    help="network width: paper = the authors' network; default: paper on a GPU, narrow on CPU")
     p.add_argument("--combiner", default=None, choices=["concat", "gated"],
-                   help="how v_l(z_l) joins z~_{l+1}: concat (Eq. 11, default) or gated add (authors' code)")
+                   help="how v_l(z_l) joins z~_{l+1}: gated add (authors' code, default) or concat (Eq. 11)")
     p.add_argument("--likelihood", default=None, choices=["gaussian", "bernoulli"],
                    help="r(x|z): fixed-variance gaussian (the paper's, default) or bernoulli (binarized x)")
-    p.add_argument("--sigma-x", type=float, default=None, help="std of the gaussian likelihood (default 0.1)")
+    p.add_argument("--sigma-x", type=float, default=None, help="std of the gaussian likelihood (default 0.25, the authors')")
     p.add_argument("--kl-warmup", type=int, default=None,
-                   help="KL weight 1 - exp(-step / N) as in the authors' code (default 1000); 0 turns warm-up off")
+                   help="KL weight 1 - exp(-step / N) as in the authors' code (default 15000); 0 turns warm-up off")
     p.add_argument("--seed", type=int, default=None, help="seed for weights, data order and sampling noise (default 0)")
     p.add_argument("--out", default=None, help="run folder (default out/<dataset>-<model>)")
     p.add_argument("--resume", action="store_true",
@@ -331,9 +333,9 @@ def model_config(args, image_shape: tuple) -> ModelConfig:
         raise UserError(f"--likelihood bernoulli binarizes grey-scale digits; {args.dataset} is in colour: use the "
                         f"default gaussian likelihood")
     return ModelConfig(model=args.model or "vlae", image_shape=image_shape, latent_dims=dims,
-                       size=args.size or default_size(), combiner=args.combiner or "concat",
+                       size=args.size or default_size(), combiner=args.combiner or ModelConfig.combiner,
                        likelihood=args.likelihood or "gaussian",
-                       sigma_x=args.sigma_x if args.sigma_x is not None else 0.1)
+                       sigma_x=args.sigma_x if args.sigma_x is not None else ModelConfig.sigma_x)
 
 
 def check_args(args) -> None:

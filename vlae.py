@@ -45,9 +45,9 @@ class ModelConfig:
     image_shape: tuple = (1, 28, 28)         # (C, H, W)
     latent_dims: tuple = (2, 2, 2)           # code size of z_1 (bottom) ... z_L (top)
     size: str = "narrow"                     # a key of SIZES
-    combiner: str = "concat"                 # "concat" (Eq. 11) or "gated" (the authors' released code)
+    combiner: str = "gated"                  # "gated" (the authors' code; study.py: it reproduces more) or "concat" (Eq. 11)
     likelihood: str = "gaussian"             # "gaussian" (fixed variance, the paper's r) or "bernoulli"
-    sigma_x: float = 0.1                     # std of the fixed-variance Gaussian likelihood
+    sigma_x: float = 0.25                    # std of the fixed-variance Gaussian r; 0.25 = the authors' loss 8 * sum((x_hat - x)^2)
     channels: tuple = field(default=())      # conv channels; filled from SIZES when empty
     hidden: int = 0                          # filled from SIZES when 0
 
