@@ -299,7 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="code size per layer, bottom first (default: the authors' 2,2,2 for mnist and fashion-mnist, "
                         "5,5,5,10 for svhn, 10,10,10,10 for celeba)")
     p.add_argument("--size", default=None, choices=sorted(SIZES),
-                   help="network width: paper = the authors' network; default: paper on a GPU, narrow on CPU")
+                   help="network width: paper = the authors' network; default: paper on a GPU, medium on a CPU")
     p.add_argument("--combiner", default=None, choices=["concat", "gated"],
                    help="how v_l(z_l) joins z~_{l+1}: gated add (authors' code, default) or concat (Eq. 11)")
     p.add_argument("--likelihood", default=None, choices=["gaussian", "bernoulli"],
@@ -439,7 +439,7 @@ def train(args) -> dict:
 
     tag = f"{cfg.model.upper()} {cfg.size} {cfg.latent_dims}"
     chosen = "given" if args.size else f"default on {Device.DEFAULT}"
-    other = "paper" if cfg.size == "narrow" else "narrow"
+    other = "paper" if cfg.size != "paper" else "medium"
     args.out.mkdir(parents=True, exist_ok=True)
     binarize = cfg.likelihood == "bernoulli"
     test_x = binarized_test_set(ds.test_x) if binarize else as_float(ds.test_x)     # CelebA is kept as uint8
