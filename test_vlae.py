@@ -1040,9 +1040,9 @@ def test_evaluate_errors_are_one_line(run, bad_runs, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------- bench
 
-def test_torch_mirror_has_our_parameter_count():
-    """bench/torch_mirror.py (optional: needs torch) times the same network in PyTorch: same parameter count for every
-    size and both models and combiners."""
+def test_torch_mirror_matches_our_models():
+    """bench/torch_mirror.py (optional: needs torch) is the same network in PyTorch: same parameter count for every
+    size and both models and combiners, and for a tiny model the same state names and the same outputs."""
     pytest.importorskip("torch")
     import importlib.util
     spec = importlib.util.spec_from_file_location("torch_mirror", Path(__file__).parent / "bench" / "torch_mirror.py")
@@ -1053,6 +1053,21 @@ def test_torch_mirror_has_our_parameter_count():
             for combiner in ("concat", "gated"):
                 cfg = ModelConfig(model=model, size=size, combiner=combiner, latent_dims=(2, 3, 2))
                 assert mirror.n_params(mirror.build(cfg)) == n_params(train.build_model(cfg)), (size, model, combiner)
+    # study.py writes the mirror's weights as a checkpoint of the tinygrad model: same names, shapes and dtypes, and
+    # the same images from the same noise
+    import torch
+    from tinygrad.dtype import _to_np_dtype
+    for model in ("vlae", "hvae"):
+        cfg = ModelConfig(model=model, size="tiny")
+        torch.manual_seed(0)
+        ours, theirs = train.build_model(cfg), mirror.build(cfg).eval()
+        state = mirror.tinygrad_state(theirs)
+        assert {k: (v.shape, v.dtype) for k, v in state.items()} == \
+            {k: (t.shape, np.dtype(_to_np_dtype(t.dtype))) for k, t in vlae.weights(ours).items()}
+        train.load_part(ours, state)
+        eps = [np.random.default_rng(l).standard_normal((5, d)).astype(np.float32) for l, d in enumerate(cfg.latent_dims)]
+        with torch.no_grad(): want = theirs.generate([torch.from_numpy(e) for e in eps]).numpy()
+        np.testing.assert_allclose(ours.generate([Tensor(e) for e in eps]).numpy(), want, atol=1e-5)
 
 
 def test_bench_rejects_bad_flags(capsys):
