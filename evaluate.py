@@ -434,7 +434,8 @@ def markdown(r: dict) -> str:
         lines += ["", f"The authors' protocol: each layer's code on a {s['grid']} x {s['grid']} grid, the other layers "
                   f"drawn afresh for each of {s['grid_draws']} images per cell; the share of each attribute the cell "
                   f"explains (0 to 1; thickness, width and slant at fixed identity, i.e. after removing the mean of "
-                  f"the image's label):", "", "| grid over | identity | thickness | width | slant |", "|---|---|---|---|---|"]
+                  f"the image's label):", "", "| grid over | identity | thickness | width | slant |",
+                  "|---|---|---|---|---|"]
         for l in range(L):
             lines.append(f"| {name}_{l + 1} | " + " | ".join(f"{g[l][k]:.2f}" for k in ATTRIBUTES) + " |")
         v = r["fig5"]
@@ -495,7 +496,8 @@ def check_args(args) -> None:
         if value < 1: raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {value})")
     for flag in ("resamples", "grid_draws"):
         if getattr(args, flag) < 2:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 2 (got {getattr(args, flag)}): a change needs two draws")
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 2 (got {getattr(args, flag)}): a change needs two "
+                            f"draws")
 
 
 def main(argv=None) -> int:

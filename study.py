@@ -185,7 +185,8 @@ def run_study(args) -> None:
         for k in recipe:
             if getattr(args, k) is not None: recipe[k] = getattr(args, k)
         label = name + "".join(f"+{k}={getattr(args, k)}" for k in RECIPES[name] if getattr(args, k) is not None)
-        cfg = ModelConfig(model=args.model, size=args.size, combiner=recipe["combiner"], likelihood=recipe["likelihood"],
+        cfg = ModelConfig(model=args.model, size=args.size, combiner=recipe["combiner"],
+                          likelihood=recipe["likelihood"],
                           sigma_x=recipe["sigma_x"], channels=args.channels or (), hidden=args.hidden or 0)
         for seed in args.seeds:
             folder = Path(args.out) / f"{args.model}-{label}-{width_of(cfg)}" / f"s{seed}"
@@ -204,7 +205,8 @@ def summary(row: dict) -> str:
     if row.get("model") == "hvae":
         return (f"HVAE {row['recipe']} {row['width']} seed {row['seed']} epoch {row['epoch']}: Fig. 3 pixel-variance "
                 f"shares {' / '.join(f'{v:.2f}' for v in row['pixel_var_share'])}; Fig. 2 Frechet distance Gibbs "
-                f"{row['gibbs_frechet']:.0f} vs ancestral {row['ancestral_frechet']:.0f}; test ELBO {row['test_elbo']:.2f}")
+                f"{row['gibbs_frechet']:.0f} vs ancestral {row['ancestral_frechet']:.0f}; "
+                f"test ELBO {row['test_elbo']:.2f}")
     return (f"{row['recipe']} {row['width']} seed {row['seed']} epoch {row['epoch']} ({row['trainer']}): "
             f"Fig. 5 resample {checks(row, 'resample')}, grid {checks(row, 'grid')}, both {checks(row)}; "
             f"test ELBO {row['test_elbo']:.2f}, prior FD {row['prior_frechet']:.0f}, {row['train_seconds']:.0f} s")
@@ -221,14 +223,15 @@ def groups(rows: list[dict]) -> dict:
 def hvae_table(rows: list[dict]) -> str:
     """Fig. 3 and Fig. 2 for the HVAE: per cell, pixel-variance shares (mean over seeds) and the Frechet distances."""
     lines = ["| recipe | width | trainer | epochs | seeds | pixel variance z_1 / z_2 / z_3 | top dominates (Fig. 3) "
-             "| FD Gibbs / ancestral | Gibbs within 20 % (Fig. 2) | test ELBO |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| FD Gibbs / ancestral | Gibbs within 20 % (Fig. 2) | test ELBO |", "|---" * 10 + "|"]
     for (recipe, width, trainer, epoch), g in groups(rows).items():
         n, share = len(g), np.mean([r["pixel_var_share"] for r in g], 0)
         fd = " ".join(f"{r['gibbs_frechet']:.0f}/{r['ancestral_frechet']:.0f}" for r in g)
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
                      f"{' / '.join(f'{v:.2f}' for v in share)} | {sum(r['fig3_top_dominates'] for r in g)}/{n} | "
                      f"{fd} | "
-                     f"{sum(r['fig2_gibbs_within_20pct'] for r in g)}/{n} | {np.mean([r['test_elbo'] for r in g]):.1f} |")
+                     f"{sum(r['fig2_gibbs_within_20pct'] for r in g)}/{n} | "
+                     f"{np.mean([r['test_elbo'] for r in g]):.1f} |")
     return "\n".join(lines)
 
 
@@ -236,11 +239,12 @@ def table(rows: list[dict]) -> str:
     """One line per (recipe, width, trainer, epoch): checks that hold in k of n seeds, mean ELBO, time."""
     names = ("bottom = thickness", "middle = width/slant", "top = identity")
     lines = ["| recipe | width | trainer | epochs | seeds | bottom = thickness | middle = width/slant | top = identity "
-             "| all three | test ELBO | prior FD | train time, fastest seed |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| all three | test ELBO | prior FD | train time, fastest seed |", "|---" * 12 + "|"]
     for (recipe, width, trainer, epoch), g in groups(rows).items():
         n = len(g)
         held = [sum(r["fig5"]["checks"][c] for r in g) for c in names]
-        held_by = [[sum(r["fig5"]["by_measure"][m]["checks"][c] for r in g) for m in ("resample", "grid")] for c in names]
+        held_by = [[sum(r["fig5"]["by_measure"][m]["checks"][c] for r in g) for m in ("resample", "grid")]
+                   for c in names]
         cells = [f"{h}/{n} ({a}, {b})" for h, (a, b) in zip(held, held_by)]
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
                      + " | ".join(cells) + f" | **{sum(r['fig5']['holds'] for r in g)}/{n}** | "

@@ -787,7 +787,9 @@ def test_grid_sweep_varies_only_the_swept_layer(layer):
     fresh = sample.grid_sweep(DIMS, layer, n, panels, np.random.default_rng(1), fresh=True)
     for i, (e, f) in enumerate(zip(eps, fresh)):
         if i == layer - 1: np.testing.assert_array_equal(e, f)
-        else: assert len({f[p, r, c].tobytes() for p in range(panels) for r in range(n) for c in range(n)}) == panels * n * n
+        else:
+            draws = {f[p, r, c].tobytes() for p in range(panels) for r in range(n) for c in range(n)}
+            assert len(draws) == panels * n * n
 
 
 @pytest.mark.parametrize("layer", [1, 2, 3])
@@ -1065,7 +1067,8 @@ def test_torch_mirror_matches_our_models():
         assert {k: (v.shape, v.dtype) for k, v in state.items()} == \
             {k: (t.shape, np.dtype(_to_np_dtype(t.dtype))) for k, t in vlae.weights(ours).items()}
         train.load_part(ours, state)
-        eps = [np.random.default_rng(l).standard_normal((5, d)).astype(np.float32) for l, d in enumerate(cfg.latent_dims)]
+        eps = [np.random.default_rng(l).standard_normal((5, d)).astype(np.float32)
+               for l, d in enumerate(cfg.latent_dims)]
         with torch.no_grad(): want = theirs.generate([torch.from_numpy(e) for e in eps]).numpy()
         np.testing.assert_allclose(ours.generate([Tensor(e) for e in eps]).numpy(), want, atol=1e-5)
 

@@ -24,8 +24,8 @@ MODELS = {"vlae": VLAE, "hvae": HVAE}
 CHECKPOINT = "checkpoint.safetensors"
 BATCH = 100                 # evaluation and sampling run at this batch size (padded): one compile each
 # Training flags left unset take these, or, with --resume, the checkpoint's values: a plain --resume continues exactly
-# The authors' recipe at the time of the paper (../shared/DESIGN.md; README, Reproducing the paper): Adam 2e-4, KL warm-up
-# T = 15000, with ModelConfig's gated combiner and sigma_x = 0.25
+# The authors' recipe at the time of the paper (../shared/DESIGN.md; README, Reproducing the paper): Adam 2e-4, KL
+# warm-up T = 15000, with ModelConfig's gated combiner and sigma_x = 0.25
 TRAIN_DEFAULTS = {"dataset": "mnist", "epochs": 3, "batch_size": 100, "lr": 2e-4, "kl_warmup": 15000, "seed": 0,
                   "subset": 0, "log_every": 50}
 DATA_ORDER = ("dataset", "batch_size", "seed", "subset")    # these fix which batch comes next: --resume keeps them
@@ -304,7 +304,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how v_l(z_l) joins z~_{l+1}: gated add (authors' code, default) or concat (Eq. 11)")
     p.add_argument("--likelihood", default=None, choices=["gaussian", "bernoulli"],
                    help="r(x|z): fixed-variance gaussian (the paper's, default) or bernoulli (binarized x)")
-    p.add_argument("--sigma-x", type=float, default=None, help="std of the gaussian likelihood (default 0.25, the authors')")
+    p.add_argument("--sigma-x", type=float, default=None,
+                   help="std of the gaussian likelihood (default 0.25, the authors')")
     p.add_argument("--kl-warmup", type=int, default=None,
                    help="KL weight 1 - exp(-step / N) as in the authors' code (default 15000); 0 turns warm-up off")
     p.add_argument("--seed", type=int, default=None, help="seed for weights, data order and sampling noise (default 0)")

@@ -23,7 +23,8 @@ from tinygrad.nn.state import get_state_dict
 
 # Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units
 # so that a 2-core CPU trains it in minutes; `medium` has the authors' convolutions and narrow's dense layers (in
-# study.py it keeps stroke thickness in the bottom layer, as `paper` does and `narrow` does not); `tiny` is for tests. "channels" gives, per image
+# study.py it keeps stroke thickness in the bottom layer, as `paper` does and `narrow` does not); `tiny` is for tests.
+# "channels" gives, per image
 # height, the stride-2 convolutions from the image to a small feature map: 28 -> 7x7 (MNIST, the authors' two
 # convolutions), 32 -> 4x4 (SVHN, their 64/128/256) and 64 -> 4x4 (CelebA, their 64..512); "hidden" is the dense width.
 SIZES = {
@@ -48,9 +49,9 @@ class ModelConfig:
     image_shape: tuple = (1, 28, 28)         # (C, H, W)
     latent_dims: tuple = (2, 2, 2)           # code size of z_1 (bottom) ... z_L (top)
     size: str = "narrow"                     # a key of SIZES
-    combiner: str = "gated"                  # "gated" (the authors' code; study.py: it reproduces more) or "concat" (Eq. 11)
+    combiner: str = "gated"                  # "gated" (the authors' code; reproduces more) or "concat" (Eq. 11)
     likelihood: str = "gaussian"             # "gaussian" (fixed variance, the paper's r) or "bernoulli"
-    sigma_x: float = 0.25                    # std of the fixed-variance Gaussian r; 0.25 = the authors' loss 8 * sum((x_hat - x)^2)
+    sigma_x: float = 0.25                    # std of the Gaussian r; 0.25: the authors' loss 8 * sum((x_hat - x)^2)
     channels: tuple = field(default=())      # conv channels; filled from SIZES when empty
     hidden: int = 0                          # filled from SIZES when 0
 

@@ -237,8 +237,8 @@ def train_torch(cfg: ModelConfig, train_x: np.ndarray, train_y: np.ndarray, *, l
             row = torch.cat([loss.detach().reshape(1), out.recon.detach().mean().reshape(1), kl.detach()])
             sums, n = (row if sums is None else sums + row), n + 1
         if not torch.isfinite(sums).all(): raise FloatingPointError(f"the loss became nan or inf in epoch {epoch + 1}")
-        print(f"epoch {epoch + 1}: train loss {float(sums[0] / n):.2f}, {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-              flush=True)
+        print(f"epoch {epoch + 1}: train loss {float(sums[0] / n):.2f}, {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
         if on_epoch: on_epoch(model, epoch + 1, {"step": step, "train": (sums / n).tolist(),
                                                   "seconds": time.perf_counter() - t0})
     return model
