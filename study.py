@@ -12,7 +12,7 @@ from there). --trainer torch needs PyTorch (`pip install torch`; it is not a req
 on one thread, so two runs use a 2-core machine fully; --trainer tinygrad runs train.py itself.
 """
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, time
+import argparse, json, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 from data import DataError, as_float, load_dataset
@@ -106,16 +106,15 @@ def torch_cells(args, cfg: ModelConfig, recipe: dict, seed: int, ds, on_cell) ->
 def tinygrad_cells(args, cfg: ModelConfig, recipe: dict, seed: int, folder: Path, on_cell) -> None:
     """Train with train.py (resumed from snapshot to snapshot) and measure each snapshot."""
     import train
-    run = folder
     for epoch in sorted(args.epochs):
-        flags = ["--out", str(run), "--epochs", str(epoch)]
-        if (run / train.CHECKPOINT).exists(): flags.append("--resume")
+        flags = ["--out", str(folder), "--epochs", str(epoch)]
+        if (folder / train.CHECKPOINT).exists(): flags.append("--resume")
         else:
             flags += ["--model", cfg.model, "--seed", str(seed), "--size", cfg.size, "--combiner", cfg.combiner,
                       "--likelihood", cfg.likelihood, "--sigma-x", str(cfg.sigma_x), "--kl-warmup",
                       str(recipe["kl_warmup"]), "--lr", str(recipe["lr"])]
         subprocess.run([sys.executable, "train.py", *flags], check=True)
-        measure_run(run, on_cell)
+        measure_run(folder, on_cell)
 
 
 def measure_run(run: Path, on_cell) -> None:
@@ -283,6 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         p.error("--seeds, --epochs and --channels take comma-separated integers, e.g. 0,1,2")
     if min(args.epochs) < 1: p.error("--epochs must be >= 1")
+    if args.trainer == "tinygrad" and (args.channels or args.hidden):
+        p.error("--channels and --hidden need --trainer torch: train.py chooses widths with --size only")
     return args
 
 
