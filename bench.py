@@ -11,8 +11,9 @@ fixed random batch (seed 0); the steady state is `--reps` repetitions of `--step
 the median with the min-max spread. The train step is train.Trainer's, exactly what `python train.py` runs.
 """
 from __future__ import annotations
-import argparse, json, os, platform, resource, subprocess, sys, tempfile, time
+import argparse, json, os, platform, re, resource, shlex, subprocess, sys, tempfile, time
 from pathlib import Path
+from math import prod
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
@@ -24,6 +25,9 @@ def device_name(device: str) -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
             if line.startswith("model name"): return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} threads"
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} threads"
+    if device.split(":")[0] == "CL":
+        from tinygrad import Device
+        return f"OpenCL: {Device[device].device_name}, {os.cpu_count()} threads"
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=10).stdout.strip().splitlines()
@@ -40,18 +44,39 @@ def timed(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def measure(size: str, model_name: str, batch: int, steps: int, reps: int) -> dict:
+def use_tinygrad_conv() -> None:
+    """The --tinygrad-conv lever: tinygrad's own (transposed) convolutions instead of the model's matmul forms."""
+    from tinygrad import nn
+    import vlae
+    vlae.Conv4x4s2.__call__, vlae.ConvTranspose4x4s2.__call__ = nn.Conv2d.__call__, nn.ConvTranspose2d.__call__
+
+
+def trainer_for(size: str, model_name: str, batch: int, kernel_search: int):
+    """What train.py sets up before its first step: the kernels kept by earlier runs, the kernel search (if not done
+    before for this network), a seeded model and its Trainer; with a fixed random batch. Returns (trainer, x, beta,
+    seconds the search took)."""
+    from tinygrad import Tensor
+    from tinygrad.helpers import NOOPT
+    from train import Trainer, build_model, search_kernels
+    from vlae import ModelConfig
+    from kernels import load_programs
+    load_programs()
+    cfg = ModelConfig(model=model_name, size=size)
+    t0 = time.perf_counter()
+    if kernel_search and not NOOPT: search_kernels(cfg, batch, kernel_search)
+    search_s = time.perf_counter() - t0
+    Tensor.manual_seed(0)
+    trainer = Trainer(build_model(cfg), lr=1e-3)
+    x = Tensor(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32)).realize()
+    return trainer, x, Tensor([1.0]).realize(), search_s
+
+
+def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kernel_search: int) -> dict:
     """One configuration, in this process: warm-up, steady-state training, sampling, GFLOP/s and memory."""
     from tinygrad import Tensor, Device, GlobalCounters
-    from train import Trainer, build_model
-    from vlae import ModelConfig, load_programs, n_params
-    load_programs()                                    # what train.py does: kernels kept by an earlier run, if any
-    Tensor.manual_seed(0)
-    model = build_model(ModelConfig(model=model_name, size=size))
-    trainer = Trainer(model, lr=1e-3)
-    rng = np.random.default_rng(0)
-    x = Tensor(rng.random((batch, 1, 28, 28), dtype=np.float32)).realize()
-    beta = Tensor([1.0]).realize()
+    from vlae import n_params
+    trainer, x, beta, search_s = trainer_for(size, model_name, batch, kernel_search)
+    model, rng = trainer.model, np.random.default_rng(1)
     step = lambda: trainer.step(x, beta)
 
     t0 = time.perf_counter()
@@ -71,7 +96,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int) -> di
     med = float(np.median(per_step))
     return {"size": size, "model": model_name, "framework": "tinygrad", "device": Device.DEFAULT,
             "device_name": device_name(Device.DEFAULT), "batch": batch, "params": n_params(model),
-            "warmup_s": round(warmup, 1), "ms_per_step": round(1e3 * med, 1),
+            "warmup_s": round(warmup, 1), "search_s": round(search_s, 1), "ms_per_step": round(1e3 * med, 1),
             "ms_per_step_min": round(1e3 * min(per_step), 1), "ms_per_step_max": round(1e3 * max(per_step), 1),
             "images_per_s": round(batch / med, 1), "gflops": round(flops / med / 1e9, 1),
             "gflop_per_step": round(flops / 1e9, 2), "kernels_per_step": kernels,
@@ -80,41 +105,146 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int) -> di
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
+def kernel_kind(name: str, out_shape: tuple, flops: float, nbytes: float) -> str:
+    """A rough label for a kernel from what it computes: reductions (r_) that do many FLOPs per byte are the
+    convolutions and matrix products; a small reduction output is a weight gradient or a norm statistic."""
+    if not name.startswith("r_"): return "elementwise"
+    if flops / max(nbytes, 1) >= 2: return "conv/matmul" if prod(out_shape) > 4096 else "weight grad"
+    return "reduce"
+
+
+def profile_step(size: str, model_name: str, batch: int, reps: int, top: int, kernel_search: int) -> dict:
+    """Every kernel of one training step, timed alone (kernels.kernel_times): the step the jit captured
+    (train.Trainer's, as in train.py, after the same kernel search) is replayed one kernel at a time, waiting for
+    each, `reps` times; each kernel's best time is kept. FLOPs and bytes are tinygrad's own estimates for the kernel
+    (what DEBUG=2 prints)."""
+    from tinygrad import Device
+    from tinygrad.engine.realize import estimate_uop, get_call_arg_uops, get_call_outs_ins
+    from kernels import kernel_times, plain
+    trainer, x, beta, _ = trainer_for(size, model_name, batch, kernel_search)
+    step = lambda: trainer.step(x, beta)
+    for _ in range(3): step().numpy()
+    step_s = min(timed(step, 5) for _ in range(reps))
+    kernels = []
+    for sec, call in kernel_times(trainer.jit, (x, beta), reps):
+        est, name, outs = estimate_uop(call), plain(call.src[0].arg.name), get_call_outs_ins(call)[0]
+        out = tuple(get_call_arg_uops(call)[outs[0]].shape) if outs else ()
+        kernels.append({"kernel": name, "ms": 1e3 * sec, "gflops": float(est.ops) / sec / 1e9 if sec else 0.0,
+                        "gbs": float(est.mem) / sec / 1e9 if sec else 0.0, "out_shape": list(out),
+                        "kind": kernel_kind(name, out, float(est.ops), float(est.mem))})
+    total = sum(k["ms"] for k in kernels)
+    for k in kernels: k["share"] = k["ms"] / total
+    by_kind = {}
+    for k in kernels:
+        agg = by_kind.setdefault(k["kind"], {"kernels": 0, "ms": 0.0})
+        agg["kernels"], agg["ms"] = agg["kernels"] + 1, agg["ms"] + k["ms"]
+    small = [k for k in kernels if k["ms"] < 0.05]
+    return {"size": size, "model": model_name, "framework": "tinygrad", "device": Device.DEFAULT,
+            "batch": batch, "step_ms": 1e3 * step_s, "kernels_ms": total, "n_kernels": len(kernels),
+            "small_kernels": len(small), "small_kernels_ms": sum(k["ms"] for k in small),
+            "by_kind": by_kind, "top": sorted(kernels, key=lambda k: -k["ms"])[:top]}
+
+
+class ChildFailed(Exception): pass
+
+
 def child(argv: list[str], env: dict) -> dict:
     out = subprocess.run([sys.executable, str(ROOT / "bench.py"), *argv], env=env, capture_output=True, text=True)
-    if out.returncode != 0: raise RuntimeError(f"bench child {argv} failed:\n{out.stderr[-3000:]}")
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        settings = " ".join(f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v and k != "CACHEDB")
+        raise ChildFailed(f"measuring {' '.join(argv[1:])} {settings} failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_config(size: str, model: str, args) -> list[dict]:
+def parse_variant(spec: str) -> tuple[dict, list[str]]:
+    """A --variant: KEY=VALUE words are environment settings for tinygrad (DEV=CL, BEAM=2, ...), the rest are flags
+    for the measuring process (--batch 200, --tinygrad-conv)."""
+    words = shlex.split(spec)
+    env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w))
+    return env, [w for w in words if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w)]
+
+
+def bench_config(size: str, model: str, args, variant: str = "") -> list[dict]:
     """Cold and cached warm-up in two processes sharing a fresh cache; the steady state from the second."""
+    extra_env, extra_argv = parse_variant(variant)
     common = ["--child", "--size", size, "--model", model, "--batch", str(args.batch), "--steps", str(args.steps),
-              "--reps", str(args.reps)]
+              "--reps", str(args.reps), "--kernel-search", str(args.kernel_search)]
     with tempfile.TemporaryDirectory() as tmp:
-        env = os.environ | {"CACHEDB": str(Path(tmp) / "cache.db")}
-        cold = child(common + ["--steps", "1", "--reps", "1"], env)
-        warm = child(common, env)
+        env = os.environ | extra_env | {"CACHEDB": str(Path(tmp) / "cache.db")}
+        cold = child(common + ["--steps", "1", "--reps", "1"] + extra_argv, env)
+        warm = child(common + extra_argv, env)
     warm["warmup_cold_s"], warm["warmup_cached_s"] = cold["warmup_s"], warm.pop("warmup_s")
-    rows = [warm]
-    if args.torch:
-        out = subprocess.run([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), "--model", model, "--size", size,
-                              "--batch", str(args.batch), "--steps", str(args.steps), "--reps", str(args.reps)],
-                             capture_output=True, text=True)
-        if out.returncode != 0: raise RuntimeError(f"torch mirror failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]) | {"size": size, "model": model})
-    return rows
+    warm["search_s"] = cold["search_s"]                    # the second process finds the search done
+    warm["variant"] = variant
+    return [warm]
+
+
+def torch_row(size: str, model: str, args) -> dict:
+    """The same network and step in PyTorch (bench/torch_mirror.py), on the same cores."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), "--model", model, "--size", size,
+                          "--batch", str(args.batch), "--steps", str(args.steps), "--reps", str(args.reps)],
+                         capture_output=True, text=True)
+    if out.returncode != 0: raise RuntimeError(f"torch mirror failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"size": size, "model": model, "variant": ""}
 
 
 def table(rows: list[dict]) -> str:
-    head = ["size", "model", "framework", "train img/s", "ms/step (min-max)", "GFLOP/s", "warm-up cold / cached s",
-            "sample img/s", "peak RSS MB"]
+    head = ["size", "model", "framework", "settings", "train img/s", "vs PyTorch", "ms/step (min-max)", "GFLOP/s",
+            "warm-up cold / cached s", "kernel search s", "sample img/s", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         spread = f"{r['ms_per_step']:.1f} ({r['ms_per_step_min']:.1f}-{r['ms_per_step_max']:.1f})"
         warm = f"{r['warmup_cold_s']:.1f} / {r['warmup_cached_s']:.1f}" if "warmup_cold_s" in r else "-"
-        lines.append(f"| {r['size']} | {r['model']} | {r['framework']} | {r['images_per_s']:.1f} | {spread} | "
-                     f"{r.get('gflops', '-')} | {warm} | {r['sample_images_per_s']:.0f} | "
+        settings = r.get("variant") or (f"{r['threads']} threads" if "threads" in r else f"DEV={r['device']}")
+        ratio = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ("1x" if r["framework"].startswith("torch") else "-")
+        lines.append(f"| {r['size']} | {r['model']} | {r['framework']} | {settings} | {r['images_per_s']:.1f} | "
+                     f"{ratio} | {spread} | "
+                     f"{r.get('gflops', '-')} | {warm} | {r.get('search_s', '-')} | {r['sample_images_per_s']:.0f} | "
                      f"{r.get('peak_rss_mb', '-')} |")
+    return "\n".join(lines)
+
+
+def profile_main(sizes: list[str], models: list[str], args) -> int:
+    """bench.py --profile: one child process per configuration (the kernel cache of earlier runs is used)."""
+    profiles = []
+    for size in sizes:
+        for model in models:
+            print(f"profiling {model} {size} ...", file=sys.stderr, flush=True)
+            prof = child(["--child", "--profile", str(args.profile), "--size", size, "--model", model,
+                          "--batch", str(args.batch), "--reps", str(args.reps), "--kernel-search",
+                          str(args.kernel_search)], dict(os.environ))
+            if args.torch:
+                out = subprocess.run([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), "--model", model,
+                                      "--size", size, "--batch", str(args.batch), "--profile", str(args.profile)],
+                                     capture_output=True, text=True)
+                if out.returncode != 0: raise RuntimeError(f"torch mirror failed:\n{out.stderr[-3000:]}")
+                prof["torch"] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(profile_table(prof, prof.get("torch")) + "\n")
+            profiles.append(prof)
+    if args.json: Path(args.json).write_text(json.dumps(profiles, indent=1) + "\n")
+    return 0
+
+
+def profile_table(prof: dict, torch_prof: dict | None) -> str:
+    """The profile as markdown: the step's time split by kind of kernel, the top kernels, PyTorch's top operators."""
+    lines = [f"{prof['model']} {prof['size']}, batch {prof['batch']}, {prof['device']}: step {prof['step_ms']:.1f} ms "
+             f"replayed by the jit; its {prof['n_kernels']} kernels timed one by one sum to "
+             f"{prof['kernels_ms']:.1f} ms "
+             f"({prof['small_kernels']} of them under 0.05 ms: {prof['small_kernels_ms']:.1f} ms)", "",
+             "| kind | kernels | ms | share |", "|---|---|---|---|"]
+    for kind, agg in sorted(prof["by_kind"].items(), key=lambda kv: -kv[1]["ms"]):
+        lines.append(f"| {kind} | {agg['kernels']} | {agg['ms']:.1f} | {agg['ms'] / prof['kernels_ms']:.0%} |")
+    lines += ["", "| kernel | kind | output shape | ms | share | GFLOP/s | GB/s |", "|---|---|---|---|---|---|---|"]
+    for k in prof["top"]:
+        lines.append(f"| `{k['kernel']}` | {k['kind']} | {'x'.join(map(str, k['out_shape']))} | {k['ms']:.2f} | "
+                     f"{k['share']:.1%} | {k['gflops']:.1f} | {k['gbs']:.1f} |")
+    if torch_prof:
+        lines += ["", f"PyTorch ({torch_prof['framework']}, {torch_prof['threads']} threads): step "
+                  f"{torch_prof['ms_per_step']:.1f} ms; operators by self time per step", "",
+                  "| operator | calls | ms | share |", "|---|---|---|---|"]
+        for o in torch_prof["ops"]:
+            lines.append(f"| `{o['op']}` | {o['calls_per_step']:g} | {o['ms_per_step']:.2f} | {o['share']:.1%} |")
     return "\n".join(lines)
 
 
@@ -127,12 +257,25 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per repetition")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the table shows the median and the spread")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch mirror in bench/torch_mirror.py")
+    p.add_argument("--variant", action="append", default=None, metavar="SETTINGS",
+                   help="time each configuration under each of these settings (repeatable): tinygrad environment "
+                        "variables and measuring flags, e.g. --variant DEV=CPU --variant DEV=CL --variant "
+                        "'DEV=CL --tinygrad-conv' --variant 'DEV=CL --batch 200' (default: one run as the "
+                        "environment is)")
+    p.add_argument("--kernel-search", type=int, default=3, metavar="N",
+                   help="as train.py: kernel search on the N slowest kernels of the step before timing it (0: off)")
+    p.add_argument("--tinygrad-conv", action="store_true",
+                   help="measure with tinygrad's own convolutions in place of the model's matmul forms")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="instead of the speed table: time each kernel of one training step and list the N slowest "
+                        "(with --torch, also PyTorch's N slowest operators)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag in ("batch", "steps", "reps"):
-        if getattr(args, flag) < 1:
-            print(f"error: --{flag} must be >= 1 (got {getattr(args, flag)})", file=sys.stderr)
+    for flag in ("batch", "steps", "reps", "profile", "kernel_search"):
+        least = 0 if flag in ("profile", "kernel_search") else 1
+        if getattr(args, flag) < least:
+            print(f"error: --{flag.replace('_', '-')} must be >= {least} (got {getattr(args, flag)})", file=sys.stderr)
             return 2
     from vlae import SIZES
     from train import MODELS
@@ -142,7 +285,11 @@ def main(argv=None) -> int:
             print(f"error: {name} {','.join(bad)}: choose from {', '.join(known)}", file=sys.stderr)
             return 2
     if args.child:
-        print(json.dumps(measure(args.size, args.model, args.batch, args.steps, args.reps)))
+        if args.tinygrad_conv: use_tinygrad_conv()
+        if args.profile:
+            print(json.dumps(profile_step(args.size, args.model, args.batch, args.reps, args.profile,
+                                          args.kernel_search)))
+        else: print(json.dumps(measure(args.size, args.model, args.batch, args.steps, args.reps, args.kernel_search)))
         return 0
     if args.torch:
         try: import torch  # noqa: F401
@@ -150,13 +297,28 @@ def main(argv=None) -> int:
             print("error: --torch needs PyTorch (pip install torch); it is not a requirement of this project",
                   file=sys.stderr)
             return 2
+    try:
+        return profile_main(sizes, models, args) if args.profile else speed_main(sizes, models, args)
+    except ChildFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def speed_main(sizes: list[str], models: list[str], args) -> int:
+    """bench.py's speed table: each configuration and variant in fresh processes, PyTorch beside them (--torch)."""
     rows = []
     for size in sizes:
         for model in models:
-            print(f"timing {model} {size} ...", file=sys.stderr, flush=True)
-            rows += bench_config(size, model, args)
-            print(table(rows[-1 - args.torch:]), file=sys.stderr)
-    print(f"{time.strftime('%Y-%m-%d')}, {rows[0]['device']} ({rows[0]['device_name']}), batch {args.batch}, "
+            for variant in args.variant or [""]:
+                print(f"timing {model} {size} {variant} ...", file=sys.stderr, flush=True)
+                rows += bench_config(size, model, args, variant)
+                print(table(rows[-1:]), file=sys.stderr)
+            if args.torch:
+                rows.append(torch_row(size, model, args))
+                for r in rows[-1 - len(args.variant or [""]):-1]:
+                    r["vs_torch"] = r["images_per_s"] / rows[-1]["images_per_s"]
+                print(table(rows[-1:]), file=sys.stderr)
+    print(f"{time.strftime('%Y-%m-%d')}, {rows[0]['device_name']}, batch {args.batch}, "
           f"median of {args.reps} x {args.steps} steps")
     print(table(rows))
     if args.json: Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

@@ -21,7 +21,8 @@ from data import DataError, Dataset, as_float, batches, load_dataset
 from train import (UserError, atomic_safe_save, batched, binarized_test_set, evaluate, load_model, load_part,
                    read_safetensors)
 from sample import generate, quantile_grid
-from vlae import cached_jit, load_programs, save_programs, weights
+from vlae import weights
+from kernels import cached_jit, load_programs, save_programs
 
 ACTIVE = 0.01               # Burda et al. 2015: a unit is active when Cov_x(E_q[z_u]) exceeds this
 ATTRIBUTES = ("identity", "thickness", "width", "slant")
@@ -502,7 +503,7 @@ def check_args(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    load_programs()                                 # kernels compiled by earlier runs (vlae.load_programs)
+    load_programs()                                 # kernels compiled by earlier runs (kernels.load_programs)
     try:
         report = run_evaluation(args)
         save_programs()

@@ -14,9 +14,10 @@ reparameterized generation of Eq. 15 with caller-supplied noise, so one can fix 
 from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor
-from vlae import (ELBO, LatentModel, ModelConfig, GaussianHead, cached_jit, conv_encoder, conv_features,
-                  conv_decoder, dense, gaussian_log_prob, init_weights, log_likelihood, lrelu, relu, reparameterize,
+from vlae import (ELBO, LatentModel, ModelConfig, GaussianHead, conv_encoder, conv_features, conv_decoder, dense,
+                  gaussian_log_prob, init_weights, log_likelihood, lrelu, relu, reparameterize,
                   standard_normal_log_prob)
+from kernels import cached_jit
 
 
 class HVAE(LatentModel):

@@ -18,7 +18,7 @@ import numpy as np
 from tinygrad import Tensor
 from data import DataError, as_float, load_dataset, image_grid, over_each_other, save_png
 from train import UserError, batched, binarized_test_set, load_model
-from vlae import load_programs, save_programs
+from kernels import load_programs, save_programs
 
 QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles
 LABEL_H = 14                 # pixels of the caption strip above each panel
@@ -290,7 +290,7 @@ def sample(args) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    load_programs()                                 # kernels compiled by earlier runs (vlae.load_programs)
+    load_programs()                                 # kernels compiled by earlier runs (kernels.load_programs)
     try:
         for path in sample(args): print(path)
         save_programs()

@@ -16,7 +16,8 @@ import argparse, json, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 from data import DataError, as_float, load_dataset
-from vlae import ModelConfig, SIZES, load_programs, save_programs
+from vlae import ModelConfig, SIZES
+from kernels import load_programs, save_programs
 
 RESULTS = Path("study/results.jsonl")
 # Named recipes; any field can be overridden by its flag. "authors" is their code at the time of the paper

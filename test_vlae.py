@@ -9,6 +9,10 @@ test the optimized kernels instead).
 """
 import os
 os.environ.setdefault("NOOPT", "1")   # before tinygrad is imported: it reads its settings once
+# the CPU backend is the reference the tests hold the code to (bit-exact resume); where pocl is installed tinygrad
+# would pick OpenCL instead, whose compiles cost twice as long. DEV=CL (or CUDA, ...) runs the suite there;
+# test_opencl_backend_trains_saves_and_sweeps_like_the_cpu checks the OpenCL path against the CPU in any case.
+os.environ.setdefault("DEV", "CPU")
 import dataclasses, errno, gzip, hashlib, json, math, re, shutil, signal, struct, subprocess, sys, time, zlib
 from pathlib import Path
 import numpy as np
@@ -18,6 +22,7 @@ from tinygrad import Tensor, Context, nn
 from tinygrad.nn.state import get_state_dict
 import data
 import evaluate
+import kernels
 import sample
 import train
 import vlae
@@ -122,26 +127,26 @@ def test_program_cache_round_trip(tmp_path, monkeypatch, capsys):
     """Compiled kernels saved by one run are used by the next (tinygrad does not lower them again), an unreadable
     cache file is ignored with a note, and VLAE_PROGRAM_CACHE=0 turns the cache off."""
     import tinygrad.codegen
-    monkeypatch.setattr(vlae, "CACHEDB", str(tmp_path / "cache.db"))
+    monkeypatch.setattr(kernels, "CACHEDB", str(tmp_path / "cache.db"))
     monkeypatch.setattr(tinygrad.codegen, "to_program_cache", {})
-    monkeypatch.setattr(vlae, "_saved_programs", 0)
+    monkeypatch.setattr(kernels, "_saved", {"programs": 0, "searched": set()})
     x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
     np.testing.assert_allclose((x * 3 + 1).sum(axis=1).numpy(), [22, 70, 118])
-    vlae.save_programs()
-    path = vlae.program_cache_path()
+    kernels.save_programs()
+    path = kernels.program_cache_path()
     assert path.parent == tmp_path and path.exists() and len(tinygrad.codegen.to_program_cache) > 0
     tinygrad.codegen.to_program_cache.clear()
-    vlae.load_programs()
+    kernels.load_programs()
     assert len(tinygrad.codegen.to_program_cache) > 0
     def no_lowering(*args): raise AssertionError("a cached kernel was lowered again")
     monkeypatch.setattr(tinygrad.codegen, "do_to_program", no_lowering)
     y = Tensor(np.ones((3, 4), dtype=np.float32))
     np.testing.assert_allclose((y * 3 + 1).sum(axis=1).numpy(), [16, 16, 16])     # same kernels, new data
     path.write_bytes(b"not a pickle")
-    vlae.load_programs()
+    kernels.load_programs()
     assert "ignoring the unreadable kernel cache" in capsys.readouterr().err
     monkeypatch.setenv("VLAE_PROGRAM_CACHE", "0")
-    assert vlae.program_cache_path() is None
+    assert kernels.program_cache_path() is None
 
 
 @pytest.mark.parametrize("combiner", ["concat", "gated"])
@@ -680,6 +685,39 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
         run_train(common + ["--out", str(out), "--epochs", "3", "--resume", "--combiner", "concat"])
 
 
+def test_opencl_backend_trains_saves_and_sweeps_like_the_cpu(tmp_path):
+    """tinygrad's OpenCL backend (DEV=CL: the path of AMD, Intel and older NVIDIA GPUs; in CI, Debian's pocl runs it
+    on the CPU): two training steps, the checkpoint they write loaded again by sample.py, and a sweep, each matching
+    the CPU backend's numbers within float tolerance. Skipped where no OpenCL platform exists, except in CI
+    (VLAE_REQUIRE_CL=1), where .ci/run installs pocl."""
+    mnist_folder()
+    probe = subprocess.run([sys.executable, "-c", "from tinygrad import Device; Device['CL']"], capture_output=True,
+                           text=True, env=os.environ | {"DEV": "CPU"})
+    if probe.returncode != 0:
+        msg = "no OpenCL platform (apt-get install -y pocl-opencl-icd): " + probe.stderr.strip().splitlines()[-1]
+        if os.environ.get("VLAE_REQUIRE_CL"): pytest.fail(msg)
+        pytest.skip(msg)
+    here, results = Path(__file__).parent, {}
+    for dev in ("CPU", "CL"):
+        out, env = tmp_path / dev, os.environ | {"DEV": dev}
+        for script, argv in (("train.py", ["--size", "tiny", "--subset", "100", "--batch-size", "50", "--epochs", "1",
+                                           "--kl-warmup", "10", "--lr", "1e-3", "--out", str(out / "run")]),
+                             ("sample.py", ["--run", str(out / "run"), "--sweep-layer", "1", "--grid", "3",
+                                            "--panels", "1", "--scale", "1", "--out", str(out)])):
+            proc = subprocess.run([sys.executable, script, *argv], cwd=here, env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, f"DEV={dev} {script}: {proc.stderr[-2000:]}"
+        with Image.open(out / "sweep-layer1.png") as im: sweep = np.asarray(im).astype(int)
+        results[dev] = (json.loads((out / "run" / "metrics.jsonl").read_text()), sweep,
+                        train.read_safetensors(out / "run" / train.CHECKPOINT)[0])
+    (m_cpu, sweep_cpu, w_cpu), (m_cl, sweep_cl, w_cl) = results["CPU"], results["CL"]
+    for key in ("train_loss", "test_elbo", "test_recon"):
+        assert m_cl[key] == pytest.approx(m_cpu[key], rel=1e-4), key
+    assert w_cl.keys() == w_cpu.keys()
+    for k in w_cpu:
+        np.testing.assert_allclose(w_cl[k], w_cpu[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert sweep_cl.shape == sweep_cpu.shape and np.abs(sweep_cl - sweep_cpu).max() <= 2
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     """A real SIGTERM from another process, during the first step: the step finishes, a checkpoint is saved at step 1
     and train.py exits with 143 after one line."""
@@ -1076,5 +1114,9 @@ def test_torch_mirror_matches_our_models():
 def test_bench_rejects_bad_flags(capsys):
     import bench
     cases = [(["--size", "huge"], "--size huge: choose from"), (["--model", "gan"], "--model gan"),
-             (["--steps", "0"], "--steps must be >= 1")]
+             (["--steps", "0"], "--steps must be >= 1"), (["--kernel-search", "-1"], "--kernel-search must be >= 0")]
     assert_one_line_errors(bench.main, [(a, re.escape(m)) for a, m in cases], capsys)
+    # a measuring process that fails (here: a device tinygrad does not have) ends in one line naming the settings
+    assert bench.main(["--size", "tiny", "--model", "vlae", "--variant", "DEV=NOPE", "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"error: measuring .*--size tiny.* DEV=NOPE failed: .+", err[-1]), err

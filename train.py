@@ -15,9 +15,10 @@ import argparse, json, math, os, signal, sys, time
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Device, Context, dtypes, nn
-from tinygrad.helpers import tqdm
+from tinygrad.helpers import NOOPT, tqdm
 from data import DataError, as_float, load_dataset, batches, image_grid, over_each_other, save_png
-from vlae import VLAE, ModelConfig, SIZES, cached_jit, default_size, load_programs, n_params, save_programs, weights
+from vlae import VLAE, ModelConfig, SIZES, default_size, n_params, weights
+from kernels import cached_jit, load_programs, save_programs, search_slowest
 from hvae import HVAE
 
 MODELS = {"vlae": VLAE, "hvae": HVAE}
@@ -219,25 +220,30 @@ class Trainer:
     def step(self, x: Tensor, beta: Tensor) -> Tensor:
         """One jitted training step (see _step). The first call builds and compiles the graph, the second captures
         it, and from then on each call replays the captured kernels; after the capture the compiled kernels are
-        saved for the next run (vlae.save_programs)."""
+        saved for the next run (kernels.save_programs)."""
         stats = self.jit(x, beta)
         if self.jit.cnt == 2: save_programs()
         return stats
 
+    def step_tensors(self, x: Tensor, beta: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The graph of one Adam step on a batch x (B, C, H, W), not yet run: the tensors to realize (new weights
+        and Adam state, the running sums) and the batch's (loss, recon, kl_1..kl_L). Needs Context(TRAINING=1)."""
+        self.opt.zero_grad()
+        out = self.model.elbo(x)
+        kl = Tensor.stack(*out.kl, dim=1).mean(axis=0)              # (L,) mean KL per layer
+        loss = (beta * kl).sum() - out.recon.mean()                 # -ELBO, with the KL warm-up weight beta
+        loss.backward()
+        stats = Tensor.cat(loss.reshape(1), out.recon.mean().reshape(1), kl)
+        n = self.steps + 1
+        first_bad = ((self.first_bad == 0) & ~loss.isfinite()).where(n, self.first_bad)
+        updates = [self.totals.assign(self.totals + stats), self.steps.assign(n), self.first_bad.assign(first_bad)]
+        return [*self.opt.schedule_step(), stats, *updates], stats
+
     def _step(self, x: Tensor, beta: Tensor) -> Tensor:
-        """One Adam step on a batch x (B, C, H, W); returns (loss, recon, kl_1..kl_L) of this batch."""
+        """One Adam step, run as one schedule (the optimizer's update and the statistics together)."""
         with Context(TRAINING=1):
-            self.opt.zero_grad()
-            out = self.model.elbo(x)
-            kl = Tensor.stack(*out.kl, dim=1).mean(axis=0)              # (L,) mean KL per layer
-            loss = (beta * kl).sum() - out.recon.mean()                 # -ELBO, with the KL warm-up weight beta
-            loss.backward()
-            self.opt.step()
-            stats = Tensor.cat(loss.reshape(1), out.recon.mean().reshape(1), kl)
-            n = self.steps + 1
-            first_bad = ((self.first_bad == 0) & ~loss.isfinite()).where(n, self.first_bad)
-            Tensor.realize(stats, self.totals.assign(self.totals + stats), self.steps.assign(n),
-                           self.first_bad.assign(first_bad))
+            tensors, stats = self.step_tensors(x, beta)
+            Tensor.realize(*tensors)
             return stats
 
 
@@ -317,6 +323,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, default=None, help="train on the first N training images (default 0 = all)")
     p.add_argument("--log-every", type=int, default=None,
                    help="steps between progress-bar updates and loss-log entries (default 50; each is a sync)")
+    p.add_argument("--kernel-search", type=int, default=3, metavar="N",
+                   help="before training, run tinygrad's kernel search (BEAM) on the N slowest kernels of the step, "
+                        "once per network and device; the result is kept for later runs (default 3; 0: off)")
     args = p.parse_args(argv)
     args.out = Path(args.out or f"out/{args.dataset or 'mnist'}-{args.model or 'vlae'}")
     return args
@@ -349,6 +358,7 @@ def check_args(args) -> None:
     if given("sigma_x") and not args.sigma_x > 0: raise UserError(f"--sigma-x must be > 0 (got {args.sigma_x})")
     if given("kl_warmup") and args.kl_warmup < 0: raise UserError(f"--kl-warmup must be >= 0 (got {args.kl_warmup})")
     if given("subset") and args.subset < 0: raise UserError(f"--subset must be >= 0 (got {args.subset})")
+    if args.kernel_search < 0: raise UserError(f"--kernel-search must be >= 0 (got {args.kernel_search})")
     if given("log_every") and args.log_every < 1: raise UserError(f"--log-every must be >= 1 (got {args.log_every})")
 
 
@@ -392,6 +402,21 @@ class StopSignals:
         for s, handler in self.previous.items(): signal.signal(s, handler)
 
 
+def search_kernels(cfg: ModelConfig, batch_size: int, top: int) -> list:
+    """Kernel search on the `top` slowest kernels of this network's training step at this batch size, unless done
+    before on this device (kernels.search_slowest); returns what was searched."""
+    x = Tensor(np.random.default_rng(0).random((batch_size, *cfg.image_shape), dtype=np.float32)).realize()
+    beta = Tensor([1.0]).realize()
+    t0 = time.perf_counter()
+    found = search_slowest(lambda: Trainer(build_model(cfg), lr=1e-3), x, beta, top=top,
+                           label=json.dumps(cfg.to_dict(), sort_keys=True))
+    if found:
+        print(f"searched the {len(found)} slowest kernels of the training step ({sum(ms for _, ms in found):.0f} ms "
+              f"of it before) in {time.perf_counter() - t0:.0f} s, kept for later runs (--kernel-search 0 skips "
+              f"this)", file=sys.stderr, flush=True)
+    return found
+
+
 def train(args) -> dict:
     """Train per args; returns the last epoch's metrics. Raises Stopped after SIGINT or SIGTERM."""
     check_args(args)
@@ -407,9 +432,11 @@ def train(args) -> dict:
     if len(train_x) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)} images)")
     cfg = ModelConfig(**meta["config"]) if args.resume else model_config(args, ds.image_shape)
-    Tensor.manual_seed(args.seed)
 
-    load_programs()                                 # kernels compiled by earlier runs (vlae.load_programs)
+    load_programs()                                 # kernels compiled by earlier runs (kernels.load_programs)
+    if args.kernel_search and not NOOPT:            # once per network and device (kernels.search_slowest)
+        search_kernels(cfg, args.batch_size, args.kernel_search)
+    Tensor.manual_seed(args.seed)                   # after the search, which draws random numbers
     model = build_model(cfg)
     trainer = Trainer(model, args.lr)
     # step: steps taken; epoch: epochs completed; batch: batches of the current epoch done (> 0 after a stop

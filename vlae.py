@@ -12,14 +12,12 @@ diagonal Gaussian, the two likelihoods r(x; .) and the shared image encoder/deco
     out = model.elbo(x)            # x: (B, 1, 28, 28) in [0, 1]; out.elbo: (B,) nats
 """
 from __future__ import annotations
-import importlib.metadata, math, os, pickle, sys
+import math
 from dataclasses import dataclass, asdict, field
-from pathlib import Path
 from typing import NamedTuple
-import tinygrad.codegen
-from tinygrad import Tensor, TinyJit, nn, Device
-from tinygrad.helpers import CACHEDB, CACHELEVEL
+from tinygrad import Tensor, nn, Device
 from tinygrad.nn.state import get_state_dict
+from kernels import cached_jit, on_cpu
 
 # Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units
 # so that a 2-core CPU trains it in minutes; `medium` has the authors' convolutions and narrow's dense layers (in
@@ -37,9 +35,9 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def default_size() -> str:
-    """The authors' network on an accelerator; on a CPU backend, `medium`: the narrowest network with which the recipe
+    """The authors' network on an accelerator; on a CPU, `medium`: the narrowest network with which the recipe
     study (study.py) reproduces the paper's Fig. 5 in 2 of 3 seeds after 3 epochs."""
-    return "medium" if Device.DEFAULT in ("CPU", "CLANG", "LLVM", "PYTHON") else "paper"
+    return "medium" if on_cpu(Device.DEFAULT) else "paper"
 
 
 @dataclass
@@ -203,56 +201,6 @@ def weights(model) -> dict[str, Tensor]:
     """The model's state (weights and BatchNorm statistics) by name: get_state_dict without private attributes, such
     as the cached TinyJits (model._generate_jit, ...) and the buffers they captured."""
     return {k: v for k, v in get_state_dict(model).items() if not any(part.startswith("_") for part in k.split("."))}
-
-
-def cached_jit(obj, name: str, fn) -> TinyJit:
-    """TinyJit(fn), created on first use and kept on obj as the private attribute _<name>_jit, so that each object
-    compiles each function once. weights() skips private attributes: what a jit captures never reaches a checkpoint."""
-    attr = f"_{name}_jit"
-    if attr not in vars(obj): setattr(obj, attr, TinyJit(fn))
-    return getattr(obj, attr)
-
-
-def program_cache_path() -> Path | None:
-    """Where compiled kernels are kept between runs: beside tinygrad's own cache (its CACHEDB), one file per tinygrad
-    version. None when caching is off (VLAE_PROGRAM_CACHE=0, or tinygrad's CACHELEVEL=0)."""
-    if os.environ.get("VLAE_PROGRAM_CACHE", "1") == "0" or CACHELEVEL.value < 1: return None
-    return Path(CACHEDB).parent / f"vlae-programs-tinygrad-{importlib.metadata.version('tinygrad')}.pkl"
-
-
-_saved_programs = 0
-
-
-def load_programs() -> None:
-    """Fill tinygrad's in-memory kernel cache from program_cache_path(). tinygrad turns each kernel of a graph into
-    source code and compiles it; its CACHEDB keeps only the compiler's output, so a new process still spends most of
-    a minute (CPU) re-deriving the ~300 distinct kernels of a training step. The programs themselves are kept here,
-    keyed as tinygrad keys them (the kernel's AST, the device's renderer and the settings that change code), so a
-    cached program is only ever used for the kernel it was made from. An unreadable file is ignored (and replaced)."""
-    global _saved_programs
-    if (path := program_cache_path()) is None or not path.exists(): return
-    try:
-        with open(path, "rb") as f: programs = pickle.load(f)
-    except Exception as e:
-        print(f"note: ignoring the unreadable kernel cache {path} ({type(e).__name__}); it is rebuilt", file=sys.stderr)
-        return
-    tinygrad.codegen.to_program_cache.update(programs)
-    _saved_programs = len(tinygrad.codegen.to_program_cache)
-
-
-def save_programs() -> None:
-    """Write tinygrad's kernel cache to program_cache_path() if it grew (atomically; a failure only costs speed)."""
-    global _saved_programs
-    programs = dict(tinygrad.codegen.to_program_cache)
-    if (path := program_cache_path()) is None or len(programs) <= _saved_programs: return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f: pickle.dump(programs, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-        _saved_programs = len(programs)
-    except (OSError, pickle.PicklingError):
-        tmp.unlink(missing_ok=True)
 
 
 def init_weights(model) -> None:

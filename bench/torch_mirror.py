@@ -173,6 +173,43 @@ class HVAE(nn.Module):
 def build(cfg: ModelConfig) -> nn.Module: return (VLAE if cfg.model == "vlae" else HVAE)(cfg)
 
 
+def adam_step(model: nn.Module, x: torch.Tensor):
+    """One Adam(1e-3) step on the plain ELBO of the fixed batch x: the step bench() times and profile() splits."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        out = model.elbo(x)
+        (torch.stack(out.kl, 1).sum(1).mean() - out.recon.mean()).backward()
+        opt.step()
+    return train_step
+
+
+def profile(model_name: str, size: str, batch: int = 100, steps: int = 10, top: int = 15,
+            threads: int | None = None) -> dict:
+    """torch.profiler's view of the same training step on the CPU: the operators with the most self time per step,
+    to set beside bench.py --profile's per-kernel table of the tinygrad step."""
+    from torch.profiler import profile as torch_profile, ProfilerActivity
+    if threads: torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig(model=model_name, size=size)
+    model = build(cfg)
+    x = torch.from_numpy(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32))
+    train_step = adam_step(model.train(), x)
+    for _ in range(3): train_step()
+    t = time.perf_counter()
+    for _ in range(steps): train_step()
+    step_ms = 1e3 * (time.perf_counter() - t) / steps
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps): train_step()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    rows = [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "share": e.self_cpu_time_total / total} for e in ops[:top]]
+    return {"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(), "size": size,
+            "model": model_name, "batch": batch, "ms_per_step": step_ms, "ops": rows}
+
+
 def bench(model_name: str, size: str, batch: int = 100, steps: int = 20, warmup: int = 3, reps: int = 3,
           threads: int | None = None, device: str = "cpu") -> dict:
     """Adam(1e-3) steps on one fixed batch (train mode, plain ELBO), then generate() in eval mode without grad.
@@ -182,13 +219,7 @@ def bench(model_name: str, size: str, batch: int = 100, steps: int = 20, warmup:
     cfg = ModelConfig(model=model_name, size=size)
     model, sync = build(cfg).to(device), torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     x = torch.from_numpy(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32)).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        out = model.elbo(x)
-        (torch.stack(out.kl, 1).sum(1).mean() - out.recon.mean()).backward()
-        opt.step()
+    train_step = adam_step(model, x)
 
     def seconds(fn) -> float:
         t = time.perf_counter()
@@ -258,5 +289,8 @@ if __name__ == "__main__":
         ap.add_argument(f"--{k}", type=int, default=v)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of timing, print torch.profiler's N operators with the most self time per step")
     a = ap.parse_args()
-    print(json.dumps(bench(a.model, a.size, a.batch, a.steps, a.warmup, a.reps, a.threads, a.device)))
+    if a.profile: print(json.dumps(profile(a.model, a.size, a.batch, a.steps, a.profile, a.threads)))
+    else: print(json.dumps(bench(a.model, a.size, a.batch, a.steps, a.warmup, a.reps, a.threads, a.device)))

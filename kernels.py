@@ -1,0 +1,146 @@
+"""tinygrad machinery, not the paper: compiled kernels kept between runs, kernel search on the slowest kernels of a
+training step, per-kernel timing, and small jit and device helpers. The models and the training loop use these;
+nothing here changes what is computed, only how fast.
+
+    import kernels
+    kernels.load_programs()                         # kernels compiled by earlier runs
+    kernels.search_slowest(make_trainer, x, beta)   # once per network and device: BEAM on the slowest kernels
+"""
+from __future__ import annotations
+import ctypes, importlib.metadata, json, os, pickle, re, sys
+from dataclasses import replace
+from pathlib import Path
+import tinygrad.codegen
+from tinygrad import Context, Device, Tensor, TinyJit
+from tinygrad.codegen import do_to_program, to_program_key
+from tinygrad.engine.realize import ExecContext, pm_exec
+from tinygrad.helpers import CACHEDB, CACHELEVEL, NOOPT
+from tinygrad.uop.ops import Ops, UOp
+
+
+def cached_jit(obj, name: str, fn) -> TinyJit:
+    """TinyJit(fn), created on first use and kept on obj as the private attribute _<name>_jit, so that each object
+    compiles each function once. vlae.weights() skips private attributes: what a jit captures never reaches a
+    checkpoint."""
+    attr = f"_{name}_jit"
+    if attr not in vars(obj): setattr(obj, attr, TinyJit(fn))
+    return getattr(obj, attr)
+
+
+def on_cpu(device: str) -> bool:
+    """Whether a tinygrad device computes on the CPU: its CPU backends, and OpenCL run by a CPU driver such as pocl."""
+    if device.split(":")[0] in ("CPU", "CLANG", "LLVM", "PYTHON"): return True
+    if device.split(":")[0] != "CL": return False
+    from tinygrad.runtime.autogen import opencl as cl
+    kind = ctypes.c_uint64()
+    cl.clGetDeviceInfo(Device[device].cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)
+    return bool(kind.value & cl.CL_DEVICE_TYPE_CPU)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled kernels kept between runs
+# ---------------------------------------------------------------------------------------------------------
+
+def program_cache_path() -> Path | None:
+    """Where compiled kernels are kept between runs: beside tinygrad's own cache (its CACHEDB), one file per tinygrad
+    version. None when caching is off (VLAE_PROGRAM_CACHE=0, or tinygrad's CACHELEVEL=0)."""
+    if os.environ.get("VLAE_PROGRAM_CACHE", "1") == "0" or CACHELEVEL.value < 1: return None
+    return Path(CACHEDB).parent / f"vlae-programs-tinygrad-{importlib.metadata.version('tinygrad')}.pkl"
+
+
+_saved = {"programs": 0, "searched": set()}     # what the file held when this process last read or wrote it
+
+
+def load_programs() -> None:
+    """Fill tinygrad's in-memory kernel cache from program_cache_path(). tinygrad turns each kernel of a graph into
+    source code and compiles it; its CACHEDB keeps only the compiler's output, so a new process still spends most of
+    a minute (CPU) re-deriving the ~300 distinct kernels of a training step. The programs themselves are kept here,
+    keyed as tinygrad keys them (the kernel's AST, the device's renderer and the settings that change code), so a
+    cached program is only ever used for the kernel it was made from. An unreadable file is ignored (and replaced)."""
+    if (path := program_cache_path()) is None or not path.exists(): return
+    try:
+        with open(path, "rb") as f: saved = pickle.load(f)
+        if "programs" not in saved: saved = {"programs": saved, "searched": []}        # the format before search
+        programs, searched = saved["programs"], set(saved["searched"])
+    except Exception as e:
+        print(f"note: ignoring the unreadable kernel cache {path} ({type(e).__name__}); it is rebuilt", file=sys.stderr)
+        return
+    tinygrad.codegen.to_program_cache.update(programs)
+    _saved["programs"], _saved["searched"] = len(tinygrad.codegen.to_program_cache), _saved["searched"] | searched
+
+
+def save_programs() -> None:
+    """Write tinygrad's kernel cache to program_cache_path() if it grew or a search replaced kernels (atomically; a
+    failure only costs speed)."""
+    programs = dict(tinygrad.codegen.to_program_cache)
+    path, searched = program_cache_path(), set(_saved["searched"])
+    if path is None or (len(programs) <= _saved["programs"] and not _saved.get("dirty")): return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            pickle.dump({"programs": programs, "searched": sorted(searched)}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+        _saved["programs"], _saved["dirty"] = len(programs), False
+    except (OSError, pickle.PicklingError):
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-kernel times and kernel search
+# ---------------------------------------------------------------------------------------------------------
+
+def plain(name: str) -> str:
+    """A kernel's name without the terminal colours tinygrad gives it."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", name)
+
+
+def kernel_times(jit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> list[tuple[float, UOp]]:
+    """(seconds, call) for every kernel a captured jit runs, in order (call.src[0] is the compiled program, the rest
+    its buffers): the kernels are replayed one at a time,
+    each waited for, `reps` times, keeping each kernel's best time. `inputs` are the jit's Tensor arguments, in
+    order. Replaying runs the step, so whatever the jit updates (weights, optimizer state) is updated again."""
+    calls = jit.captured.linear.src
+    ctx = ExecContext({}, tuple(t.uop for t in inputs), update_stats=False, jit=True, wait=True)
+    best = [float("inf")] * len(calls)
+    for _ in range(reps):
+        for i, call in enumerate(calls):
+            best[i] = min(best[i], sum(et for et in pm_exec.rewrite(call, ctx) if et is not None))
+    return list(zip(best, calls))
+
+
+def search_slowest(make_trainer, x: Tensor, beta: Tensor, top: int = 3, beam: int = 2, label: str = "") -> list:
+    """tinygrad's kernel search (BEAM) on the `top` kernels that take the most time in a training step, once per
+    network, batch and device: their searched programs replace the default ones in tinygrad's kernel cache and are
+    saved with it (save_programs), so later runs compile nothing and search nothing. Searching all of a step's
+    ~300 distinct kernels takes longer than training (it did not finish in 30 minutes here); the slowest 10 are
+    about half the step's time and take a few minutes. make_trainer() builds a fresh train.Trainer (two are built
+    and thrown away: one to time the kernels, which updates its weights, one whose step is scheduled but never
+    run, for the kernels' unoptimized form that the search starts from). Returns (name, ms before) of the kernels
+    searched, [] when done before or when NOOPT is set (no kernel optimization at all)."""
+    marker = json.dumps([label, Device.DEFAULT, str(Device[Device.DEFAULT].renderer.target), list(x.shape), top, beam])
+    if NOOPT or top < 1 or marker in _saved["searched"]: return []
+    trainer = make_trainer()
+    for _ in range(3): trainer.step(x, beta).numpy()                # compile, capture, replay
+    per_program: dict[int, list] = {}                               # id -> [seconds per step, program]
+    for sec, call in kernel_times(trainer.jit, (x, beta)):
+        per_program.setdefault(id(call.src[0]), [0.0, call.src[0]])[0] += sec
+    slowest = sorted(per_program.values(), key=lambda sp: -sp[0])[:top]
+    with Context(TRAINING=1): linear = Tensor.schedule_linear(*make_trainer().step_tensors(x, beta)[0])
+    unoptimized = {}                                                # id(default program) -> (cache key, AST, renderer)
+    for call in linear.src:
+        if call.op is Ops.CALL and call.src[0].op is Ops.SINK:
+            renderer = Device[call.device if isinstance(call.device, str) else call.device[0]].renderer
+            key = to_program_key(call.src[0], renderer)
+            if (prg := tinygrad.codegen.to_program_cache.get(key)) is not None:
+                unoptimized[id(prg)] = (key, call.src[0], renderer)
+    searched = []
+    for sec, prg in slowest:
+        if id(prg) not in unoptimized: continue                     # not a kernel of the step's own graph
+        key, ast, renderer = unoptimized[id(prg)]
+        tinygrad.codegen.to_program_cache[key] = do_to_program(ast.replace(arg=replace(ast.arg, beam=beam)), renderer)
+        searched.append((plain(prg.arg.name), 1e3 * sec))
+    _saved["searched"].add(marker)
+    _saved["dirty"] = True
+    save_programs()
+    return searched
