@@ -57,7 +57,8 @@ def trainer_for(size: str, model_name: str, batch: int, kernel_search: int):
     seconds the search took)."""
     from tinygrad import Tensor
     from tinygrad.helpers import NOOPT
-    from train import Trainer, build_model, search_kernels
+    from train import Trainer, search_kernels
+    from checkpoint import build_model
     from vlae import ModelConfig
     from kernels import load_programs
     load_programs()
@@ -152,7 +153,8 @@ def child(argv: list[str], env: dict) -> dict:
     out = subprocess.run([sys.executable, str(ROOT / "bench.py"), *argv], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        settings = " ".join(f"{k}={v}" for k, v in env.items() if os.environ.get(k) != v and k != "CACHEDB")
+        settings = " ".join(f"{k}={v}" for k, v in env.items()
+                            if os.environ.get(k) != v and k not in ("CACHEDB", "POCL_CACHE_DIR"))
         raise ChildFailed(f"measuring {' '.join(argv[1:])} {settings} failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -171,7 +173,9 @@ def bench_config(size: str, model: str, args, variant: str = "") -> list[dict]:
     common = ["--child", "--size", size, "--model", model, "--batch", str(args.batch), "--steps", str(args.steps),
               "--reps", str(args.reps), "--kernel-search", str(args.kernel_search)]
     with tempfile.TemporaryDirectory() as tmp:
-        env = os.environ | extra_env | {"CACHEDB": str(Path(tmp) / "cache.db")}
+        # tinygrad's cache and ours beside it, and pocl's own kernel cache (DEV=CL on a CPU): all empty at first
+        env = os.environ | extra_env | {"CACHEDB": str(Path(tmp) / "cache.db"),
+                                        "POCL_CACHE_DIR": str(Path(tmp) / "pocl")}
         cold = child(common + ["--steps", "1", "--reps", "1"] + extra_argv, env)
         warm = child(common + extra_argv, env)
     warm["warmup_cold_s"], warm["warmup_cached_s"] = cold["warmup_s"], warm.pop("warmup_s")

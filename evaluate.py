@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Context, nn
 from tinygrad.helpers import tqdm
-from data import DataError, Dataset, as_float, batches, load_dataset
-from train import (UserError, atomic_safe_save, batched, binarized_test_set, evaluate, load_model, load_part,
-                   read_safetensors)
+from data import DataError, Dataset, as_float, batched, batches, binarized_test_set, load_dataset
+from checkpoint import UserError, atomic_safe_save, load_model, load_part, read_safetensors
 from sample import generate, quantile_grid
 from vlae import weights
 from kernels import cached_jit, load_programs, save_programs
@@ -354,7 +353,7 @@ def run_evaluation(args) -> dict:
     report = {"run": str(run), "epoch": meta.get("epoch"), "config": cfg.to_dict(), "dataset": dataset,
               "settings": {k: v for k, v in vars(args).items() if k not in ("run", "out")}}
 
-    parts, _ = evaluate(model, test_x)                                   # (N, 2+L): elbo, recon, kl_1..kl_L
+    parts, _ = model.elbo_parts(test_x)                                   # (N, 2+L): elbo, recon, kl_1..kl_L
     idx = rng.choice(len(test_x), args.iw_images, replace=False)
     log_w = log_weights(model, test_x[idx], args.k, rng)
     ks = sorted({k for k in (1, 10, 100, 1000, 10000) if k <= args.k and args.k % k == 0} | {args.k})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes, importlib.metadata, json, os, pickle, re, sys
 from dataclasses import replace
 from pathlib import Path
+# pocl (OpenCL on the CPU) prints "1 warning generated." for each kernel tinygrad compiles; -w silences its compiler
+os.environ.setdefault("POCL_EXTRA_BUILD_FLAGS", "-w")
 import tinygrad.codegen
 from tinygrad import Context, Device, Tensor, TinyJit
 from tinygrad.codegen import do_to_program, to_program_key
@@ -112,12 +114,12 @@ def kernel_times(jit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> lis
 def search_slowest(make_trainer, x: Tensor, beta: Tensor, top: int = 3, beam: int = 2, label: str = "") -> list:
     """tinygrad's kernel search (BEAM) on the `top` kernels that take the most time in a training step, once per
     network, batch and device: their searched programs replace the default ones in tinygrad's kernel cache and are
-    saved with it (save_programs), so later runs compile nothing and search nothing. Searching all of a step's
-    ~300 distinct kernels takes longer than training (it did not finish in 30 minutes here); the slowest 10 are
-    about half the step's time and take a few minutes. make_trainer() builds a fresh train.Trainer (two are built
-    and thrown away: one to time the kernels, which updates its weights, one whose step is scheduled but never
-    run, for the kernels' unoptimized form that the search starts from). Returns (name, ms before) of the kernels
-    searched, [] when done before or when NOOPT is set (no kernel optimization at all)."""
+    saved with it (save_programs), so later runs compile nothing and search nothing. BEAM=2 over all ~300 distinct
+    kernels of a step did not finish in 30 minutes here; a few kernels are most of the step (README, Performance),
+    so searching those pays: each takes minutes (longer the slower it is). make_trainer() builds a fresh
+    train.Trainer; two are built and thrown away: one to time the kernels (which updates its weights), one whose
+    step is scheduled but never run, for the kernels' unoptimized form that the search starts from. Returns
+    (name, ms per step before) of the kernels searched; [] when done before, or under NOOPT (no optimization)."""
     marker = json.dumps([label, Device.DEFAULT, str(Device[Device.DEFAULT].renderer.target), list(x.shape), top, beam])
     if NOOPT or top < 1 or marker in _saved["searched"]: return []
     trainer = make_trainer()

@@ -16,8 +16,8 @@ import argparse, statistics, sys
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
-from data import DataError, as_float, load_dataset, image_grid, over_each_other, save_png
-from train import UserError, batched, binarized_test_set, load_model
+from data import DataError, as_float, batched, binarized_test_set, load_dataset, image_grid, over_each_other, save_png
+from checkpoint import UserError, load_model
 from kernels import load_programs, save_programs
 
 QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles
@@ -88,7 +88,7 @@ def shown_states(steps: int, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model calls, train.BATCH rows at a time (train.batched pads the last chunk, so each graph compiles once)
+# Model calls, data.BATCH rows at a time (data.batched pads the last chunk, so each graph compiles once)
 # ---------------------------------------------------------------------------------------------------------
 
 def generate(model, eps: list[np.ndarray]) -> np.ndarray:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse, json, subprocess, sys, time
 from pathlib import Path
 import numpy as np
-from data import DataError, as_float, load_dataset
+from data import DataError, as_float, binarized_test_set, load_dataset
 from vlae import ModelConfig, SIZES
+from checkpoint import CHECKPOINT, atomic_safe_save, load_model
 from kernels import load_programs, save_programs
 
 RESULTS = Path("study/results.jsonl")
@@ -54,13 +55,13 @@ def measure_hvae(generate_fn, checkpoint: Path, dims: tuple, test_elbo: dict, cl
     """The HVAE's claims: Fig. 3 (does resampling the top eps carry most of the pixel variance?) and Fig. 2 (do the
     bottom-layer Gibbs chains of Proposition 1 sample as well as the whole model: Frechet distance within 20 % of
     ancestral sampling's?). The chains run on the tinygrad model loaded from the checkpoint (evaluate.gibbs_samples)."""
-    import evaluate, train
+    import evaluate
     rng = np.random.default_rng(settings.seed)
     rows = evaluate.layer_effects(generate_fn, dims, clf, settings.bases, settings.resamples, rng)
     shares = evaluate.normalised(rows, "pixel_var")
     eps = [rng.standard_normal((settings.samples, d), dtype=np.float32) for d in dims]
     ancestral = evaluate.sample_quality(clf, generate_fn(eps), test_features)
-    model, _ = train.load_model(checkpoint)
+    model, _ = load_model(checkpoint)
     gibbs = evaluate.sample_quality(clf, evaluate.gibbs_samples(model, settings.samples, gibbs_steps, settings.seed),
                                     test_features)
     return {**test_elbo, "pixel_var_share": shares, "identity_share": evaluate.normalised(rows, "identity"),
@@ -74,7 +75,6 @@ def torch_cells(args, cfg: ModelConfig, recipe: dict, seed: int, ds, on_cell) ->
     import torch
     sys.path.insert(0, str(Path(__file__).parent / "bench"))
     import torch_mirror
-    from train import binarized_test_set
     test_x = binarized_test_set(ds.test_x) if cfg.likelihood == "bernoulli" else as_float(ds.test_x)
     train_seconds = 0.0
 
@@ -106,10 +106,9 @@ def torch_cells(args, cfg: ModelConfig, recipe: dict, seed: int, ds, on_cell) ->
 
 def tinygrad_cells(args, cfg: ModelConfig, recipe: dict, seed: int, folder: Path, on_cell) -> None:
     """Train with train.py (resumed from snapshot to snapshot) and measure each snapshot."""
-    import train
     for epoch in sorted(args.epochs):
         flags = ["--out", str(folder), "--epochs", str(epoch)]
-        if (folder / train.CHECKPOINT).exists(): flags.append("--resume")
+        if (folder / CHECKPOINT).exists(): flags.append("--resume")
         else:
             flags += ["--model", cfg.model, "--seed", str(seed), "--size", cfg.size, "--combiner", cfg.combiner,
                       "--likelihood", cfg.likelihood, "--sigma-x", str(cfg.sigma_x), "--kl-warmup",
@@ -120,8 +119,8 @@ def tinygrad_cells(args, cfg: ModelConfig, recipe: dict, seed: int, folder: Path
 
 def measure_run(run: Path, on_cell) -> None:
     """Measure a run folder of train.py (its checkpoint, on the tinygrad model)."""
-    import sample, train
-    model, meta = train.load_model(run)
+    import sample
+    model, meta = load_model(run)
     m = meta["metrics"]
     seconds = sum(json.loads(line)["epoch_seconds"] for line in open(run / "metrics.jsonl"))
     on_cell(meta["epoch"], meta["step"], seconds, {"test_elbo": m["test_elbo"], "test_kl": m["test_kl"]},
@@ -143,7 +142,7 @@ def recipe_of(cfg: ModelConfig, flags: dict) -> tuple[str, dict]:
 
 
 def run_study(args) -> None:
-    import evaluate, train
+    import evaluate
     ds = load_dataset("mnist", args.data_dir)
     load_programs()
     clf, _ = evaluate.load_classifier(Path(args.classifier), ds, 2)
@@ -162,8 +161,7 @@ def run_study(args) -> None:
                 from tinygrad import Tensor
                 meta = {"config": cfg.to_dict(), "train": {"dataset": "mnist", "seed": seed, **recipe,
                                                            "trainer": "torch"}, "step": step, "epoch": epoch}
-                train.atomic_safe_save({f"model.{k}": Tensor(v) for k, v in state.items()},
-                                       checkpoint / train.CHECKPOINT, meta)
+                atomic_safe_save({f"model.{k}": Tensor(v) for k, v in state.items()}, checkpoint / CHECKPOINT, meta)
             if cfg.model == "vlae": measured = measure(generate_fn, cfg.latent_dims, elbo, clf, test_features)
             else: measured = measure_hvae(generate_fn, checkpoint, cfg.latent_dims, elbo, clf, test_features)
             row = {"model": cfg.model, "recipe": label, **recipe, "width": width, "channels": list(cfg.channels),
@@ -177,7 +175,7 @@ def run_study(args) -> None:
         return on_cell
 
     for run in args.measure:                  # run folders of train.py, measured as they are
-        model, meta = train.load_model(run)
+        model, meta = load_model(run)
         label, recipe = recipe_of(model.cfg, meta["train"])
         measure_run(run, cell_writer(model.cfg, label, recipe, meta["train"]["seed"], run, "tinygrad"))
     for name in ([] if args.measure else args.recipe):

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from tinygrad import Tensor, Context, nn
 from tinygrad.nn.state import get_state_dict
+import checkpoint
 import data
 import evaluate
 import kernels
@@ -524,7 +525,7 @@ def test_four_layer_configurations_train_on_colour_data(dataset, svhn_root, tmp_
                          "--batch-size", "2", "--log-every", "1", "--out", str(out)])
     shape, dims = {"svhn": ((3, 32, 32), [5, 5, 5, 10]), "celeba": ((3, 64, 64), [10, 10, 10, 10])}[dataset]
     assert metrics["step"] == 3 and np.isfinite(metrics["test_elbo"]) and len(metrics["test_kl"]) == 4
-    cfg = train.read_checkpoint(out / "checkpoint.safetensors")[1]["config"]
+    cfg = checkpoint.read_checkpoint(out / "checkpoint.safetensors")[1]["config"]
     assert list(cfg["latent_dims"]) == dims and tuple(cfg["image_shape"]) == shape
     log = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["train_loss_log"]
     assert len(log) == 3 and all(np.isfinite(loss) for _, loss in log)
@@ -554,13 +555,13 @@ def assert_one_line_errors(main, cases, capsys, extra=()):
 def copy_run(run: Path, folder: Path, **meta) -> Path:
     """folder/checkpoint.safetensors: the run's checkpoint with some of its metadata replaced (the header rewritten
     by hand, the tensor bytes kept)."""
-    raw = (run / train.CHECKPOINT).read_bytes()
+    raw = (run / checkpoint.CHECKPOINT).read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
     header["__metadata__"] |= {k: json.dumps(v) for k, v in meta.items()}
     head = json.dumps(header).encode()
     folder.mkdir()
-    (folder / train.CHECKPOINT).write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:])
+    (folder / checkpoint.CHECKPOINT).write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:])
     return folder
 
 
@@ -574,7 +575,7 @@ def test_bad_flags_exit_with_one_line(run, capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
     # --resume with flags that contradict the checkpoint, or weights that do not fit its config: nothing is written
-    _, meta = train.read_checkpoint(run)
+    _, meta = checkpoint.read_checkpoint(run)
     flags = meta["train"] | {"batch_size": 50, "seed": 0, "subset": 1000, "epochs": 1}
     ok = copy_run(run, tmp_path / "ok", train=flags)
     wrong = copy_run(run, tmp_path / "wrong", train=flags, config=meta["config"] | {"model": "hvae"})
@@ -591,11 +592,11 @@ def test_bad_flags_exit_with_one_line(run, capsys, tmp_path):
 
 
 def test_missing_checkpoint_gives_clear_error(tmp_path):
-    with pytest.raises(train.UserError, match="no checkpoint .* train one first"):
-        train.load_model(tmp_path)
-    (tmp_path / train.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(train.UserError, match="not a readable checkpoint"):
-        train.load_model(tmp_path)
+    with pytest.raises(checkpoint.UserError, match="no checkpoint .* train one first"):
+        checkpoint.load_model(tmp_path)
+    (tmp_path / checkpoint.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(checkpoint.UserError, match="not a readable checkpoint"):
+        checkpoint.load_model(tmp_path)
 
 
 @pytest.fixture
@@ -634,11 +635,11 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
     for f in ("samples.png", "reconstructions.png", "checkpoint.safetensors"): assert (out / f).stat().st_size > 0
 
     # checkpoint round trip: same config, same weights, identical outputs
-    model1, meta = train.load_model(out)
+    model1, meta = checkpoint.load_model(out)
     assert meta["epoch"] == 2 and meta["config"]["size"] == "tiny" and meta["config"]["latent_dims"] == [2, 2, 2]
-    model2, _ = train.load_model(out / train.CHECKPOINT)
+    model2, _ = checkpoint.load_model(out / checkpoint.CHECKPOINT)
     # the model's weights exactly: not the buffers captured by the jits that training ran on the model
-    saved = train.read_safetensors(out / train.CHECKPOINT)[0]
+    saved = checkpoint.read_safetensors(out / checkpoint.CHECKPOINT)[0]
     assert sorted(k for k in saved if k.startswith("model.")) == sorted(f"model.{k}" for k in get_state_dict(model1))
     zs = [Tensor(np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)) for _ in range(3)]
     np.testing.assert_array_equal(model1.decode(zs).numpy(), model2.decode(zs).numpy())
@@ -656,15 +657,15 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
     with pytest.raises(train.Stopped, match=r"by SIGINT at step 30 \(epoch 2, batch 10 of 20\); saved") as e:
         run_train(common + ["--out", str(stopped), "--epochs", "2"])
     assert e.value.code == 130
-    ckpt = stopped / train.CHECKPOINT
-    meta = train.read_checkpoint(ckpt)[1]
+    ckpt = stopped / checkpoint.CHECKPOINT
+    meta = checkpoint.read_checkpoint(ckpt)[1]
     assert (meta["step"], meta["epoch"], meta["batch"], len(meta["log"])) == (30, 1, 10, 10)
 
     # a nan loss from step 33 on, first seen at the log point of step 35, stops the run naming step 33; the last
     # good checkpoint is kept as it was
     before = ckpt.read_bytes()
     monkeypatch.setattr(train, "kl_weight", lambda step, warmup: math.nan if step >= 33 else kl_weight(step, warmup))
-    with pytest.raises(train.UserError, match=r"nan or inf at step 33 \(seen at step 35\).* \(step 30\)"):
+    with pytest.raises(checkpoint.UserError, match=r"nan or inf at step 33 \(seen at step 35\).* \(step 30\)"):
         run_train(["--out", str(stopped), "--resume", "--log-every", "5"])
     assert ckpt.read_bytes() == before
 
@@ -674,14 +675,14 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
     monkeypatch.setattr(train, "kl_weight", kl_weight)
     run_train(["--out", str(stopped), "--resume"])
     assert comparable(stopped / "metrics.jsonl") == comparable(out / "metrics.jsonl")
-    a, b = train.read_safetensors(out / train.CHECKPOINT)[0], train.read_safetensors(ckpt)[0]
+    a, b = checkpoint.read_safetensors(out / checkpoint.CHECKPOINT)[0], checkpoint.read_safetensors(ckpt)[0]
     assert a.keys() == b.keys() and {"optim.b1_t", "rng.counter", "train.totals"} <= a.keys()
     for k in a: np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
     # a second run into the same folder refuses to overwrite it; --resume refuses a config that contradicts it
-    with pytest.raises(train.UserError, match="already exists: pass --resume"):
+    with pytest.raises(checkpoint.UserError, match="already exists: pass --resume"):
         run_train(common + ["--out", str(out), "--epochs", "3"])
-    with pytest.raises(train.UserError, match="trained with combiner=gated"):
+    with pytest.raises(checkpoint.UserError, match="trained with combiner=gated"):
         run_train(common + ["--out", str(out), "--epochs", "3", "--resume", "--combiner", "concat"])
 
 
@@ -708,13 +709,16 @@ def test_opencl_backend_trains_saves_and_sweeps_like_the_cpu(tmp_path):
             assert proc.returncode == 0, f"DEV={dev} {script}: {proc.stderr[-2000:]}"
         with Image.open(out / "sweep-layer1.png") as im: sweep = np.asarray(im).astype(int)
         results[dev] = (json.loads((out / "run" / "metrics.jsonl").read_text()), sweep,
-                        train.read_safetensors(out / "run" / train.CHECKPOINT)[0])
+                        checkpoint.read_safetensors(out / "run" / checkpoint.CHECKPOINT)[0])
     (m_cpu, sweep_cpu, w_cpu), (m_cl, sweep_cl, w_cl) = results["CPU"], results["CL"]
     for key in ("train_loss", "test_elbo", "test_recon"):
         assert m_cl[key] == pytest.approx(m_cpu[key], rel=1e-4), key
-    assert w_cl.keys() == w_cpu.keys()
+    # Adam moves a weight by about lr (1e-3) per step whatever the gradient, so after 2 steps every weight is within
+    # 2e-3: the biases that feed a BatchNorm have a zero gradient in exact arithmetic, float noise on both backends,
+    # which Adam scales up to full steps of either sign (the loss and the ELBO above are the tight check)
+    assert w_cl.keys() == w_cpu.keys() and np.array_equal(w_cl["rng.counter"], w_cpu["rng.counter"])
     for k in w_cpu:
-        np.testing.assert_allclose(w_cl[k], w_cpu[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(w_cl[k], w_cpu[k], rtol=1e-4, atol=2e-3, err_msg=k)
     assert sweep_cl.shape == sweep_cpu.shape and np.abs(sweep_cl - sweep_cpu).max() <= 2
 
 
@@ -735,57 +739,58 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     finally:
         proc.kill()
     assert len(err) == 1 and re.match(r"stopped by SIGTERM at step 1 \(epoch 1, batch 1 of 20\); saved", err[0]), err
-    _, meta = train.read_checkpoint(out)
+    _, meta = checkpoint.read_checkpoint(out)
     assert (meta["step"], meta["epoch"], meta["batch"]) == (1, 0, 1)
 
 
 def test_checkpoint_writes_are_atomic(run, tmp_path, monkeypatch):
     """A full disk, or a crash between writing the temporary file and renaming it over the checkpoint, leaves the
     previous checkpoint as it was; kill -9 leaves a stray temporary file, which the next save replaces."""
-    path, tmp = tmp_path / train.CHECKPOINT, tmp_path / (train.CHECKPOINT + ".tmp")
-    shutil.copy(run / train.CHECKPOINT, path)
+    path, tmp = tmp_path / checkpoint.CHECKPOINT, tmp_path / (checkpoint.CHECKPOINT + ".tmp")
+    shutil.copy(run / checkpoint.CHECKPOINT, path)
     before = path.read_bytes()
     state, meta = {"w": Tensor.ones(3).contiguous()}, {"config": {}, "step": 1}
 
     def full_disk(state, name, metadata):
         Path(name).write_bytes(b"the first bytes")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(train, "write_safetensors", full_disk)
-    with pytest.raises(train.UserError, match=r"could not write .* \(No space left on device\); free disk space or "
-                                              r"choose another --out. The previous file, if any, is untouched"):
-        train.atomic_safe_save(state, path, meta)
+    monkeypatch.setattr(checkpoint, "write_safetensors", full_disk)
+    with pytest.raises(checkpoint.UserError,
+                       match=r"could not write .* \(No space left on device\); free disk space or "
+                             r"choose another --out. The previous file, if any, is untouched"):
+        checkpoint.atomic_safe_save(state, path, meta)
     monkeypatch.undo()
     assert path.read_bytes() == before and not tmp.exists()
 
     class Killed(BaseException): pass
 
     def killed(src, dst): raise Killed
-    monkeypatch.setattr(train.os, "replace", killed)                # dies after writing the temporary file
-    with pytest.raises(Killed): train.atomic_safe_save(state, path, meta)
+    monkeypatch.setattr(checkpoint.os, "replace", killed)                # dies after writing the temporary file
+    with pytest.raises(Killed): checkpoint.atomic_safe_save(state, path, meta)
     monkeypatch.undo()
     assert path.read_bytes() == before and not tmp.exists()
     tmp.write_bytes(b"half a checkpoint")                           # what kill -9 at that moment leaves
-    assert train.read_checkpoint(path)[1]["epoch"] == 0
-    train.atomic_safe_save(state, path, meta)
-    assert train.read_checkpoint(path)[1]["step"] == 1 and not tmp.exists()
+    assert checkpoint.read_checkpoint(path)[1]["epoch"] == 0
+    checkpoint.atomic_safe_save(state, path, meta)
+    assert checkpoint.read_checkpoint(path)[1]["step"] == 1 and not tmp.exists()
 
 
 def test_safetensors_files_are_standard(tmp_path):
-    """train.write_safetensors writes what tinygrad's safe_load reads (and read_safetensors reads safe_save's); a file
-    cut anywhere is refused."""
+    """checkpoint.write_safetensors writes what tinygrad's safe_load reads (and read_safetensors reads safe_save's);
+    a file cut anywhere is refused."""
     state = {"w": Tensor(np.arange(6, dtype=np.float32).reshape(2, 3)), "n": Tensor(np.array(7, dtype=np.int32)),
              "c": Tensor(np.array([1, 2], dtype=np.uint32))}
-    train.write_safetensors(state, str(tmp_path / "a.safetensors"), {"k": "v"})
+    checkpoint.write_safetensors(state, str(tmp_path / "a.safetensors"), {"k": "v"})
     theirs = nn.state.safe_load(str(tmp_path / "a.safetensors"))
     for k, t in state.items(): np.testing.assert_array_equal(theirs[k].numpy(), t.numpy())
     nn.state.safe_save(state, str(tmp_path / "b.safetensors"), metadata={"k": "v"})
-    ours, meta = train.read_safetensors(tmp_path / "b.safetensors")
+    ours, meta = checkpoint.read_safetensors(tmp_path / "b.safetensors")
     assert meta == {"k": "v"} and ours["n"].shape == ()                          # a 0-d tensor stays 0-d
     for k, t in state.items(): assert ours[k].dtype == t.numpy().dtype and (ours[k] == t.numpy()).all()
     raw = (tmp_path / "a.safetensors").read_bytes()
     for cut in (4, 20, len(raw) - 1):
         (tmp_path / "c.safetensors").write_bytes(raw[:cut])
-        with pytest.raises(ValueError): train.read_safetensors(tmp_path / "c.safetensors")
+        with pytest.raises(ValueError): checkpoint.read_safetensors(tmp_path / "c.safetensors")
 
 
 DIMS = (2, 2, 2)
@@ -868,7 +873,7 @@ def run(tmp_path_factory):
     out.mkdir()
     model = tiny()
     meta = {"config": model.cfg.to_dict(), "train": {"dataset": "mnist"}, "step": 0, "epoch": 0}
-    train.save_checkpoint(out / train.CHECKPOINT, model, nn.optim.Adam(nn.state.get_parameters(model)), meta)
+    checkpoint.save_checkpoint(out / checkpoint.CHECKPOINT, model, nn.optim.Adam(nn.state.get_parameters(model)), meta)
     return out
 
 
@@ -907,16 +912,16 @@ def bad_runs(run, tmp_path) -> list:
     (tmp_path / "empty").mkdir()
     cases = [(tmp_path / "none", "no checkpoint in .*: train one first with `python train.py"),
              (tmp_path / "empty", "no checkpoint in .*empty: train one first")]
-    raw = (run / train.CHECKPOINT).read_bytes()
+    raw = (run / checkpoint.CHECKPOINT).read_bytes()
     for n in (4, 100, len(raw) // 2, len(raw) - 1):
         folder = tmp_path / f"cut{n}"
         folder.mkdir()
-        (folder / train.CHECKPOINT).write_bytes(raw[:n])
+        (folder / checkpoint.CHECKPOINT).write_bytes(raw[:n])
         cases.append((folder, "is not a readable checkpoint of this project .*; delete it and train again"))
     (tmp_path / "other").mkdir()
-    train.atomic_safe_save({"w": Tensor.ones(2).contiguous()}, tmp_path / "other" / train.CHECKPOINT, {})
+    checkpoint.atomic_safe_save({"w": Tensor.ones(2).contiguous()}, tmp_path / "other" / checkpoint.CHECKPOINT, {})
     cases.append((tmp_path / "other", "not a readable checkpoint .*no config in its metadata"))
-    cfg = train.read_checkpoint(run)[1]["config"] | {"model": "hvae"}
+    cfg = checkpoint.read_checkpoint(run)[1]["config"] | {"model": "hvae"}
     cases.append((copy_run(run, tmp_path / "hvae-config", config=cfg), "holds weights that do not fit the HVAE"))
     return [(["--run", str(folder)], pattern) for folder, pattern in cases]
 
@@ -928,7 +933,7 @@ def folder_contents(folder: Path) -> dict:
 def test_user_errors_are_one_line(run, bad_runs, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / train.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (broken / checkpoint.CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     files = folder_contents(tmp_path)
     cases = [(["--run", str(broken)], "not a readable checkpoint"),
              (["--run", str(run), "--sweep-layer", "4"], "--sweep-layer 4: this model has layers 1 .* to 3"),
@@ -1040,7 +1045,7 @@ def test_evaluate_report_end_to_end(run, tmp_path, capsys):
     mnist_folder()
     clf_path = tmp_path / "clf.safetensors"
     Tensor.manual_seed(0)
-    train.atomic_safe_save(get_state_dict(evaluate.Classifier()), clf_path, {"test_accuracy": 0.1, "epochs": 0})
+    checkpoint.atomic_safe_save(get_state_dict(evaluate.Classifier()), clf_path, {"test_accuracy": 0.1, "epochs": 0})
     argv = ["--run", str(run), "--k", "100", "--iw-images", "10", "--bases", "3", "--resamples", "2",
             "--samples", "30", "--grid", "3", "--grid-draws", "2", "--classifier", str(clf_path),
             "--out", str(tmp_path / "ev.json")]
@@ -1073,7 +1078,7 @@ def test_evaluate_errors_are_one_line(run, bad_runs, tmp_path, capsys):
              (["--run", str(run), "--grid", "0"], "--grid must be >= 1"),
              (["--run", str(run), "--iw-images", "20000"], "test set has only 10000 images")]
     assert_one_line_errors(evaluate.main, bad_runs + cases, capsys, ["--out", str(tmp_path / "ev.json")])
-    with pytest.raises(train.UserError, match="not a readable classifier .* delete it"):
+    with pytest.raises(checkpoint.UserError, match="not a readable classifier .* delete it"):
         evaluate.load_classifier(broken, None, 1)
     assert folder_contents(tmp_path) == files and not (tmp_path / "ev.json").exists()
 
@@ -1092,7 +1097,8 @@ def test_torch_mirror_matches_our_models():
         for model in ("vlae", "hvae"):
             for combiner in ("concat", "gated"):
                 cfg = ModelConfig(model=model, size=size, combiner=combiner, latent_dims=(2, 3, 2))
-                assert mirror.n_params(mirror.build(cfg)) == n_params(train.build_model(cfg)), (size, model, combiner)
+                ours = n_params(checkpoint.build_model(cfg))
+                assert mirror.n_params(mirror.build(cfg)) == ours, (size, model, combiner)
     # study.py writes the mirror's weights as a checkpoint of the tinygrad model: same names, shapes and dtypes, and
     # the same images from the same noise
     import torch
@@ -1100,11 +1106,11 @@ def test_torch_mirror_matches_our_models():
     for model in ("vlae", "hvae"):
         cfg = ModelConfig(model=model, size="tiny")
         torch.manual_seed(0)
-        ours, theirs = train.build_model(cfg), mirror.build(cfg).eval()
+        ours, theirs = checkpoint.build_model(cfg), mirror.build(cfg).eval()
         state = mirror.tinygrad_state(theirs)
         assert {k: (v.shape, v.dtype) for k, v in state.items()} == \
             {k: (t.shape, np.dtype(_to_np_dtype(t.dtype))) for k, t in vlae.weights(ours).items()}
-        train.load_part(ours, state)
+        checkpoint.load_part(ours, state)
         eps = [np.random.default_rng(l).standard_normal((5, d)).astype(np.float32)
                for l, d in enumerate(cfg.latent_dims)]
         with torch.no_grad(): want = theirs.generate([torch.from_numpy(e) for e in eps]).numpy()

@@ -13,11 +13,13 @@ diagonal Gaussian, the two likelihoods r(x; .) and the shared image encoder/deco
 """
 from __future__ import annotations
 import math
+import numpy as np
 from dataclasses import dataclass, asdict, field
 from typing import NamedTuple
 from tinygrad import Tensor, nn, Device
 from tinygrad.nn.state import get_state_dict
 from kernels import cached_jit, on_cpu
+from data import batched
 
 # Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units
 # so that a 2-core CPU trains it in minutes; `medium` has the authors' convolutions and narrow's dense layers (in
@@ -249,6 +251,16 @@ class LatentModel:
         jit = cached_jit(self, "encode", lambda x: [t.realize() for p in self.encode(x) for t in p])
         flat = jit(x.contiguous().realize())
         return [(flat[2 * i], flat[2 * i + 1]) for i in range(self.L)]
+
+    def elbo_parts(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-example ELBO parts (N, 2+L): elbo, recon, kl_1..kl_L, for every row of x (eval mode: BatchNorm uses
+        its running statistics), and the images decoded from the posterior means (N, C, H, W)."""
+        def parts(x: Tensor) -> tuple[Tensor, Tensor]:
+            out = self.elbo(x)
+            recon_mean = self.decode([mu for mu, _ in self.encode(x)])
+            return Tensor.stack(out.elbo, out.recon, *out.kl, dim=1).realize(), recon_mean.realize()
+        jit = cached_jit(self, "evaluate", parts)
+        return batched(lambda xb: jit(xb[0]), [x])
 
 
 # ---------------------------------------------------------------------------------------------------------
