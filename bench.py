@@ -239,7 +239,7 @@ def profile_table(prof: dict, torch_prof: dict | None) -> str:
              "| kind | kernels | ms | share |", "|---|---|---|---|"]
     for kind, agg in sorted(prof["by_kind"].items(), key=lambda kv: -kv[1]["ms"]):
         lines.append(f"| {kind} | {agg['kernels']} | {agg['ms']:.1f} | {agg['ms'] / prof['kernels_ms']:.0%} |")
-    lines += ["", "| kernel | kind | output shape | ms | share | GFLOP/s | GB/s |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| kernel | kind | output elements | ms | share | GFLOP/s | GB/s |", "|---|---|---|---|---|---|---|"]
     for k in prof["top"]:
         lines.append(f"| `{k['kernel']}` | {k['kind']} | {'x'.join(map(str, k['out_shape']))} | {k['ms']:.2f} | "
                      f"{k['share']:.1%} | {k['gflops']:.1f} | {k['gbs']:.1f} |")

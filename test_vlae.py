@@ -713,12 +713,13 @@ def test_opencl_backend_trains_saves_and_sweeps_like_the_cpu(tmp_path):
     (m_cpu, sweep_cpu, w_cpu), (m_cl, sweep_cl, w_cl) = results["CPU"], results["CL"]
     for key in ("train_loss", "test_elbo", "test_recon"):
         assert m_cl[key] == pytest.approx(m_cpu[key], rel=1e-4), key
-    # Adam moves a weight by about lr (1e-3) per step whatever the gradient, so after 2 steps every weight is within
-    # 2e-3: the biases that feed a BatchNorm have a zero gradient in exact arithmetic, float noise on both backends,
-    # which Adam scales up to full steps of either sign (the loss and the ELBO above are the tight check)
     assert w_cl.keys() == w_cpu.keys() and np.array_equal(w_cl["rng.counter"], w_cpu["rng.counter"])
-    for k in w_cpu:
-        np.testing.assert_allclose(w_cl[k], w_cpu[k], rtol=1e-4, atol=2e-3, err_msg=k)
+    # Adam's first steps are +-lr (1e-3) whatever the gradient's size, so a gradient that rounding moves across zero
+    # (the biases that feed a BatchNorm have an exactly zero one) flips a step: after 2 steps a weight may differ by
+    # 4e-3 (here 3.6 % of them differ by more than float precision: the biases and the weights whose gradients are
+    # rounding-sized); most must agree to float precision
+    cl, cpu = (np.concatenate([w[k].ravel() for k in sorted(w_cpu) if k.startswith("model.")]) for w in (w_cl, w_cpu))
+    assert np.abs(cl - cpu).max() <= 4e-3 and np.isclose(cl, cpu, rtol=1e-4, atol=1e-5).mean() > 0.9
     assert sweep_cl.shape == sweep_cpu.shape and np.abs(sweep_cl - sweep_cpu).max() <= 2
 
 
