@@ -266,7 +266,7 @@ def main(argv=None) -> int:
                         "variables and measuring flags, e.g. --variant DEV=CPU --variant DEV=CL --variant "
                         "'DEV=CL --tinygrad-conv' --variant 'DEV=CL --batch 200' (default: one run as the "
                         "environment is)")
-    p.add_argument("--kernel-search", type=int, default=3, metavar="N",
+    p.add_argument("--kernel-search", type=int, default=2, metavar="N",
                    help="as train.py: kernel search on the N slowest kernels of the step before timing it (0: off)")
     p.add_argument("--tinygrad-conv", action="store_true",
                    help="measure with tinygrad's own convolutions in place of the model's matmul forms")

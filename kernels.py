@@ -111,7 +111,7 @@ def kernel_times(jit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> lis
     return list(zip(best, calls))
 
 
-def search_slowest(make_trainer, x: Tensor, beta: Tensor, top: int = 3, beam: int = 2, label: str = "") -> list:
+def search_slowest(make_trainer, x: Tensor, beta: Tensor, top: int = 2, beam: int = 2, label: str = "") -> list:
     """tinygrad's kernel search (BEAM) on the `top` kernels that take the most time in a training step, once per
     network, batch and device: their searched programs replace the default ones in tinygrad's kernel cache and are
     saved with it (save_programs), so later runs compile nothing and search nothing. BEAM=2 over all ~300 distinct

@@ -140,9 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, default=None, help="train on the first N training images (default 0 = all)")
     p.add_argument("--log-every", type=int, default=None,
                    help="steps between progress-bar updates and loss-log entries (default 50; each is a sync)")
-    p.add_argument("--kernel-search", type=int, default=3, metavar="N",
+    p.add_argument("--kernel-search", type=int, default=2, metavar="N",
                    help="before training, run tinygrad's kernel search (BEAM) on the N slowest kernels of the step, "
-                        "once per network and device; the result is kept for later runs (default 3; 0: off)")
+                        "once per network and device; the result is kept for later runs (default 2; 0: off)")
     args = p.parse_args(argv)
     args.out = Path(args.out or f"out/{args.dataset or 'mnist'}-{args.model or 'vlae'}")
     return args
