@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from tinygrad import Tensor
 
 # md5 of the *decompressed* files (the .gz bytes differ between mirrors; the content does not).
 MNIST_FILES = {
@@ -429,26 +428,8 @@ def save_png(grid: np.ndarray, path, header: str | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Batches for a model: the test set, fixed-size chunks
+# The test set for a Bernoulli likelihood
 # ---------------------------------------------------------------------------------------------------------
-
-BATCH = 100                 # evaluation and sampling run at this batch size (padded): one compile each
-
-
-def batched(fn, arrays: list[np.ndarray]):
-    """fn(list of (BATCH, ...) Tensors) -> Tensor or tuple of Tensors, applied to the rows of arrays, outputs
-    concatenated as numpy. The last chunk is padded with copies of its last row, so every call has the same shape
-    and a jitted fn compiles once."""
-    n, outs = len(arrays[0]), []
-    for i in range(0, n, BATCH):
-        chunk = [a[i:i + BATCH] for a in arrays]
-        pad = BATCH - len(chunk[0])
-        chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) if pad else c for c in chunk]
-        ret = fn([Tensor(np.ascontiguousarray(c, dtype=np.float32)) for c in chunk])
-        outs.append([r.numpy()[:BATCH - pad] for r in (ret if isinstance(ret, tuple) else (ret,))])
-    cat = [np.concatenate(parts) for parts in zip(*outs)]
-    return tuple(cat) if len(cat) > 1 else cat[0]
-
 
 def binarized_test_set(x: np.ndarray) -> np.ndarray:
     """A fixed binarization of the test set (seed 0), so that Bernoulli test ELBOs compare across runs."""

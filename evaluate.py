@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Context, nn
 from tinygrad.helpers import tqdm
-from data import DataError, Dataset, as_float, batched, batches, binarized_test_set, load_dataset
+from data import DataError, Dataset, as_float, batches, binarized_test_set, load_dataset
 from checkpoint import UserError, atomic_safe_save, load_model, load_part, read_safetensors
 from sample import generate, quantile_grid
 from vlae import weights
-from kernels import cached_jit, load_programs, save_programs
+from kernels import batched, cached_jit, load_programs, save_programs
 
 ACTIVE = 0.01               # Burda et al. 2015: a unit is active when Cov_x(E_q[z_u]) exceeds this
 ATTRIBUTES = ("identity", "thickness", "width", "slant")

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 # pocl (OpenCL on the CPU) prints "1 warning generated." for each kernel tinygrad compiles; -w silences its compiler
 os.environ.setdefault("POCL_EXTRA_BUILD_FLAGS", "-w")
+import numpy as np
 import tinygrad.codegen
 from tinygrad import Context, Device, Tensor, TinyJit
 from tinygrad.codegen import do_to_program, to_program_key
@@ -27,6 +28,24 @@ def cached_jit(obj, name: str, fn) -> TinyJit:
     attr = f"_{name}_jit"
     if attr not in vars(obj): setattr(obj, attr, TinyJit(fn))
     return getattr(obj, attr)
+
+
+BATCH = 100                 # evaluation and sampling run at this batch size (padded): one compile each
+
+
+def batched(fn, arrays: list[np.ndarray]):
+    """fn(list of (BATCH, ...) Tensors) -> Tensor or tuple of Tensors, applied to the rows of arrays, outputs
+    concatenated as numpy. The last chunk is padded with copies of its last row, so every call has the same shape
+    and a jitted fn compiles once."""
+    n, outs = len(arrays[0]), []
+    for i in range(0, n, BATCH):
+        chunk = [a[i:i + BATCH] for a in arrays]
+        pad = BATCH - len(chunk[0])
+        chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) if pad else c for c in chunk]
+        ret = fn([Tensor(np.ascontiguousarray(c, dtype=np.float32)) for c in chunk])
+        outs.append([r.numpy()[:BATCH - pad] for r in (ret if isinstance(ret, tuple) else (ret,))])
+    cat = [np.concatenate(parts) for parts in zip(*outs)]
+    return tuple(cat) if len(cat) > 1 else cat[0]
 
 
 def on_cpu(device: str) -> bool:
@@ -99,9 +118,9 @@ def plain(name: str) -> str:
 
 def kernel_times(jit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> list[tuple[float, UOp]]:
     """(seconds, call) for every kernel a captured jit runs, in order (call.src[0] is the compiled program, the rest
-    its buffers): the kernels are replayed one at a time,
-    each waited for, `reps` times, keeping each kernel's best time. `inputs` are the jit's Tensor arguments, in
-    order. Replaying runs the step, so whatever the jit updates (weights, optimizer state) is updated again."""
+    its buffers): the kernels are replayed one at a time, each waited for, `reps` times, keeping each kernel's best
+    time. `inputs` are the jit's Tensor arguments, in order. Replaying runs the step, so whatever the jit updates
+    (weights, optimizer state) is updated again."""
     calls = jit.captured.linear.src
     ctx = ExecContext({}, tuple(t.uop for t in inputs), update_stats=False, jit=True, wait=True)
     best = [float("inf")] * len(calls)

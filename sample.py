@@ -16,9 +16,9 @@ import argparse, statistics, sys
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
-from data import DataError, as_float, batched, binarized_test_set, load_dataset, image_grid, over_each_other, save_png
+from data import DataError, as_float, binarized_test_set, load_dataset, image_grid, over_each_other, save_png
 from checkpoint import UserError, load_model
-from kernels import load_programs, save_programs
+from kernels import batched, load_programs, save_programs
 
 QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles
 LABEL_H = 14                 # pixels of the caption strip above each panel
@@ -88,7 +88,7 @@ def shown_states(steps: int, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model calls, data.BATCH rows at a time (data.batched pads the last chunk, so each graph compiles once)
+# Model calls, kernels.BATCH rows at a time (kernels.batched pads the last chunk, so each graph compiles once)
 # ---------------------------------------------------------------------------------------------------------
 
 def generate(model, eps: list[np.ndarray]) -> np.ndarray:

@@ -18,8 +18,7 @@ from dataclasses import dataclass, asdict, field
 from typing import NamedTuple
 from tinygrad import Tensor, nn, Device
 from tinygrad.nn.state import get_state_dict
-from kernels import cached_jit, on_cpu
-from data import batched
+from kernels import batched, cached_jit, on_cpu
 
 # Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units
 # so that a 2-core CPU trains it in minutes; `medium` has the authors' convolutions and narrow's dense layers (in
