@@ -56,7 +56,6 @@ def trainer_for(size: str, model_name: str, batch: int, kernel_search: int):
     before for this network), a seeded model and its Trainer; with a fixed random batch. Returns (trainer, x, beta,
     seconds the search took)."""
     from tinygrad import Tensor
-    from tinygrad.helpers import NOOPT
     from train import Trainer, search_kernels
     from checkpoint import build_model
     from vlae import ModelConfig
@@ -64,7 +63,7 @@ def trainer_for(size: str, model_name: str, batch: int, kernel_search: int):
     load_programs()
     cfg = ModelConfig(model=model_name, size=size)
     t0 = time.perf_counter()
-    if kernel_search and not NOOPT: search_kernels(cfg, batch, kernel_search)
+    search_kernels(cfg, batch, kernel_search)
     search_s = time.perf_counter() - t0
     Tensor.manual_seed(0)
     trainer = Trainer(build_model(cfg), lr=1e-3)
@@ -162,12 +161,14 @@ def child(argv: list[str], env: dict) -> dict:
 def parse_variant(spec: str) -> tuple[dict, list[str]]:
     """A --variant: KEY=VALUE words are environment settings for tinygrad (DEV=CL, BEAM=2, ...), the rest are flags
     for the measuring process (--batch 200, --tinygrad-conv)."""
-    words = shlex.split(spec)
-    env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w))
-    return env, [w for w in words if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w)]
+    env, argv = {}, []
+    for w in shlex.split(spec):
+        if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w): env.update([w.split("=", 1)])
+        else: argv.append(w)
+    return env, argv
 
 
-def bench_config(size: str, model: str, args, variant: str = "") -> list[dict]:
+def bench_config(size: str, model: str, args, variant: str = "") -> dict:
     """Cold and cached warm-up in two processes sharing a fresh cache; the steady state from the second."""
     extra_env, extra_argv = parse_variant(variant)
     common = ["--child", "--size", size, "--model", model, "--batch", str(args.batch), "--steps", str(args.steps),
@@ -181,16 +182,21 @@ def bench_config(size: str, model: str, args, variant: str = "") -> list[dict]:
     warm["warmup_cold_s"], warm["warmup_cached_s"] = cold["warmup_s"], warm.pop("warmup_s")
     warm["search_s"] = cold["search_s"]                    # the second process finds the search done
     warm["variant"] = variant
-    return [warm]
+    return warm
+
+
+def torch_mirror(argv: list[str]) -> dict:
+    """The JSON line bench/torch_mirror.py prints for these flags (the same network and step in PyTorch)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), *argv], capture_output=True,
+                         text=True)
+    if out.returncode != 0: raise RuntimeError(f"torch mirror failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def torch_row(size: str, model: str, args) -> dict:
-    """The same network and step in PyTorch (bench/torch_mirror.py), on the same cores."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), "--model", model, "--size", size,
-                          "--batch", str(args.batch), "--steps", str(args.steps), "--reps", str(args.reps)],
-                         capture_output=True, text=True)
-    if out.returncode != 0: raise RuntimeError(f"torch mirror failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1]) | {"size": size, "model": model, "variant": ""}
+    """The same network and step timed in PyTorch, on the same cores."""
+    return torch_mirror(["--model", model, "--size", size, "--batch", str(args.batch), "--steps", str(args.steps),
+                         "--reps", str(args.reps)]) | {"size": size, "model": model, "variant": ""}
 
 
 def table(rows: list[dict]) -> str:
@@ -219,11 +225,8 @@ def profile_main(sizes: list[str], models: list[str], args) -> int:
                           "--batch", str(args.batch), "--reps", str(args.reps), "--kernel-search",
                           str(args.kernel_search)], dict(os.environ))
             if args.torch:
-                out = subprocess.run([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), "--model", model,
-                                      "--size", size, "--batch", str(args.batch), "--profile", str(args.profile)],
-                                     capture_output=True, text=True)
-                if out.returncode != 0: raise RuntimeError(f"torch mirror failed:\n{out.stderr[-3000:]}")
-                prof["torch"] = json.loads(out.stdout.strip().splitlines()[-1])
+                prof["torch"] = torch_mirror(["--model", model, "--size", size, "--batch", str(args.batch),
+                                              "--profile", str(args.profile)])
             print(profile_table(prof, prof.get("torch")) + "\n")
             profiles.append(prof)
     if args.json: Path(args.json).write_text(json.dumps(profiles, indent=1) + "\n")
@@ -315,7 +318,7 @@ def speed_main(sizes: list[str], models: list[str], args) -> int:
         for model in models:
             for variant in args.variant or [""]:
                 print(f"timing {model} {size} {variant} ...", file=sys.stderr, flush=True)
-                rows += bench_config(size, model, args, variant)
+                rows.append(bench_config(size, model, args, variant))
                 print(table(rows[-1:]), file=sys.stderr)
             if args.torch:
                 rows.append(torch_row(size, model, args))

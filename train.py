@@ -15,7 +15,7 @@ import argparse, json, math, signal, sys, time
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Device, Context, dtypes, nn
-from tinygrad.helpers import NOOPT, tqdm
+from tinygrad.helpers import tqdm
 from data import DataError, as_float, load_dataset, batches, binarized_test_set, image_grid, over_each_other, save_png
 from vlae import ModelConfig, SIZES, default_size, n_params, weights
 from kernels import load_programs, save_programs, search_slowest
@@ -221,7 +221,7 @@ class StopSignals:
 
 def search_kernels(cfg: ModelConfig, batch_size: int, top: int) -> list:
     """Kernel search on the `top` slowest kernels of this network's training step at this batch size, unless done
-    before on this device (kernels.search_slowest); returns what was searched."""
+    before on this device, top is 0 or NOOPT is set (kernels.search_slowest decides); returns what was searched."""
     x = Tensor(np.random.default_rng(0).random((batch_size, *cfg.image_shape), dtype=np.float32)).realize()
     beta = Tensor([1.0]).realize()
     t0 = time.perf_counter()
@@ -251,8 +251,7 @@ def train(args) -> dict:
     cfg = ModelConfig(**meta["config"]) if args.resume else model_config(args, ds.image_shape)
 
     load_programs()                                 # kernels compiled by earlier runs (kernels.load_programs)
-    if args.kernel_search and not NOOPT:            # once per network and device (kernels.search_slowest)
-        search_kernels(cfg, args.batch_size, args.kernel_search)
+    search_kernels(cfg, args.batch_size, args.kernel_search)    # once per network and device; not under NOOPT
     Tensor.manual_seed(args.seed)                   # after the search, which draws random numbers
     model = build_model(cfg)
     trainer = Trainer(model, args.lr)
