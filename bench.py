@@ -75,6 +75,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     """One configuration, in this process: warm-up, steady-state training, sampling, GFLOP/s and memory."""
     from tinygrad import Tensor, Device, GlobalCounters
     from vlae import n_params
+    from kernels import generate_jit
     trainer, x, beta, search_s = trainer_for(size, model_name, batch, kernel_search)
     model, rng = trainer.model, np.random.default_rng(1)
     step = lambda: trainer.step(x, beta)
@@ -90,7 +91,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     per_step = [timed(step, steps) for _ in range(reps)]
 
     eps = [Tensor(rng.standard_normal((batch, d), dtype=np.float32)).realize() for d in model.cfg.latent_dims]
-    sample = lambda: model.generate_jit(eps)
+    sample = lambda: generate_jit(model)(*eps)
     for _ in range(3): sample().numpy()
     per_sample = [timed(sample, steps) for _ in range(reps)]
     med = float(np.median(per_step))
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
             print(f"error: --{flag.replace('_', '-')} must be >= {least} (got {getattr(args, flag)})", file=sys.stderr)
             return 2
     from vlae import SIZES
-    from train import MODELS
+    from checkpoint import MODELS
     sizes, models = (args.size or "narrow,paper").split(","), args.model.split(",")
     for name, given, known in (("--size", sizes, SIZES), ("--model", models, MODELS)):
         if bad := [g for g in given if g not in known]:

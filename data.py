@@ -1,13 +1,13 @@
-"""Datasets for the VLAE: MNIST, Fashion-MNIST, SVHN and CelebA, checked by md5 where md5s are published, plus
-image-grid PNG writing.
+"""Datasets for the VLAE: MNIST, Fashion-MNIST, SVHN and CelebA: found, checked by md5 where md5s are published,
+downloaded where they can be, split and batched. The file formats themselves are read by formats.py.
 
     from data import load_dataset, batches
     ds = load_dataset("mnist")                 # finds, checks (and if needed downloads) the idx files
     ds.train_x.shape                           # (60000, 1, 28, 28) float32 in [0, 1]
-    for x, y in batches(ds.train_x, ds.train_y, 100, seed=0, epoch=0): ...     # x: float32 in [0, 1], any dataset
+    batch = next(batches(ds.train_x, ds.train_y, 100, seed=0, epoch=0))     # (x, y), x float32 in [0, 1]
 
     mnist, fashion-mnist   the four idx files (gzipped or not), downloaded if missing
-    svhn                   train_32x32.mat and test_32x32.mat (MATLAB v5, read by read_mat below), downloaded if missing
+    svhn                   train_32x32.mat and test_32x32.mat (MATLAB v5), downloaded if missing
     celeba                 the folder img_align_celeba/ of JPEGs (no stable URL: download by hand), decoded once into a
                            64x64 uint8 cache; its x arrays are uint8 in [0, 255] (see as_float)
 
@@ -16,11 +16,11 @@ Each is a root folder holding one sub-folder per dataset (<root>/mnist/train-ima
 a folder that holds the files directly works too.
 """
 from __future__ import annotations
-import gzip, hashlib, os, struct, sys, urllib.request, zlib
-from concurrent.futures import ThreadPoolExecutor
+import gzip, hashlib, os, sys, urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
+from formats import FIX_BAD_FILE, DataError, decoded_jpegs, parse_idx, read_mat
 
 # md5 of the *decompressed* files (the .gz bytes differ between mirrors; the content does not).
 MNIST_FILES = {
@@ -57,13 +57,6 @@ CELEBA_PARTITION_MD5 = "d32c9cbf5e040fd4025c592c306e6668"
 CELEBA_URLS = "http://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive) or " \
               "https://www.kaggle.com/datasets/jessicali9530/celeba-dataset"
 
-FIX_BAD_FILE = "delete it and run again to re-download, or point --data-dir / VLAE_DATA at a good copy"
-
-
-class DataError(Exception):
-    """A problem with the user's data files; its message is one line saying what is wrong and how to fix it."""
-
-
 @dataclass
 class Dataset:
     name: str
@@ -74,7 +67,8 @@ class Dataset:
     labelled: bool = True   # False: train_y and test_y are zeros, not classes
 
     @property
-    def image_shape(self) -> tuple: return tuple(self.train_x.shape[1:])
+    def image_shape(self) -> tuple:
+        return tuple(self.train_x.shape[1:])
 
 
 def as_float(x: np.ndarray) -> np.ndarray:
@@ -91,51 +85,47 @@ def data_roots(data_dir: str | None = None) -> list[Path]:
 def find_folder(roots: list[Path], name: str, files) -> Path:
     """The first of <root>/<name> or <root> (for each root in order) that holds all the files, gzipped or not.
     If none does, <first root>/<name>: the folder to download into."""
-    def has(folder, f): return (folder / f).exists() or (folder / (f + ".gz")).exists()
     for root in roots:
         for folder in (root / name, root):
-            if all(has(folder, f) for f in files): return folder
+            if not missing(folder, files):
+                return folder
     return roots[0] / name
 
 
+def missing(folder: Path, files) -> list[str]:
+    """The files that are in folder neither as they are nor gzipped."""
+    return [f for f in files if not ((folder / f).exists() or (folder / (f + ".gz")).exists())]
+
+
 def check_md5(path: Path, data: bytes, md5: str, of: str = "") -> None:
-    if (got := hashlib.md5(data).hexdigest()) != md5:
+    got = hashlib.md5(data).hexdigest()
+    if got != md5:
         raise DataError(f"{path} is corrupt: md5{of} is {got}, expected {md5}: {FIX_BAD_FILE}")
 
 
 def read_verified(folder: Path, name: str, md5: str, md5_of_gz: bool = False) -> bytes:
     """The decompressed bytes of <name> or <name>.gz in folder, checked against md5: the md5 of the decompressed bytes,
     or with md5_of_gz that of the .gz file (then an uncompressed <name> goes unchecked: there is no md5 to check)."""
-    for path in (folder / (name + ".gz"), folder / name) if md5_of_gz else (folder / name, folder / (name + ".gz")):
-        if not path.exists(): continue
+    paths = (folder / name, folder / (name + ".gz"))
+    for path in reversed(paths) if md5_of_gz else paths:
+        if not path.exists():
+            continue
         try:
             raw = path.read_bytes()
             data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise DataError(f"{path} is truncated or not valid gzip ({e}): {FIX_BAD_FILE}") from None
-        if not md5_of_gz: check_md5(path, data, md5, " of its decompressed bytes")
-        elif data is not raw: check_md5(path, raw, md5, " of the .gz file")
+        if not md5_of_gz:
+            check_md5(path, data, md5, " of its decompressed bytes")
+        elif data is not raw:
+            check_md5(path, raw, md5, " of the .gz file")
         return data
     raise DataError(f"{folder / name}[.gz] not found")
 
 
-def parse_idx(data: bytes, name: str) -> np.ndarray:
-    """An idx file: magic (0, 0, dtype=0x08 ubyte, ndim), ndim big-endian uint32 sizes, then the data."""
-    fix = "replace it with the original file, or point --data-dir / VLAE_DATA at a good copy"
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise DataError(f"{name} is not an unsigned-byte idx file (bad magic number {data[:4].hex()}): {fix}")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim: raise DataError(f"{name} is truncated inside its header: {fix}")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise DataError(f"{name} holds {arr.size} values where its header says {shape}: {fix}")
-    return arr.reshape(shape)
-
-
 def download(folder: Path, files, mirrors, how_to_fix: str) -> None:
     """Fetch each file from the first mirror that answers, with a progress line; how_to_fix ends the error when
-    none does."""
+    none does. (Not tinygrad.helpers.fetch: it refuses file:// mirrors, which the tests use, with an AssertionError.)"""
     folder.mkdir(parents=True, exist_ok=True)
     for file in files:
         errors = []
@@ -163,12 +153,11 @@ def download(folder: Path, files, mirrors, how_to_fix: str) -> None:
 def load_idx_dataset(name: str, roots: list[Path], files: dict, mirrors, md5_of_gz: bool = False) -> Dataset:
     """MNIST-style data: files = {train images, train labels, test images, test labels: md5} in that order."""
     folder = find_folder(roots, name, files)
-    missing = [n for n in files if not ((folder / n).exists() or (folder / (n + ".gz")).exists())]
-    if missing: download(folder, [n + ".gz" for n in missing], mirrors,
-                         f"copy the {name} idx files there, or point --data-dir / VLAE_DATA at a folder holding them")
-    arrays = [parse_idx(read_verified(folder, n, md5, md5_of_gz), n) for n, md5 in files.items()]
-    train_x, train_y, test_x, test_y = arrays
-
+    if missing(folder, files):
+        download(folder, [n + ".gz" for n in missing(folder, files)], mirrors,
+                 f"copy the {name} idx files there, or point --data-dir / VLAE_DATA at a folder holding them")
+    train_x, train_y, test_x, test_y = (parse_idx(read_verified(folder, n, md5, md5_of_gz), n)
+                                        for n, md5 in files.items())
     return Dataset(name, as_float(train_x)[:, None], train_y.astype(np.int64), as_float(test_x)[:, None],
                    test_y.astype(np.int64))                            # x: (N, 1, 28, 28) in [0, 1]
 
@@ -182,63 +171,6 @@ def load_fashion_mnist(roots: list[Path], mirrors=FASHION_MIRRORS) -> Dataset:
 
 
 # --------------------------------------------------------------------------------------------- SVHN
-
-MAT_TYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}  # miINT8..
-MAT_CLASSES = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
-MI_MATRIX, MI_COMPRESSED = 14, 15
-
-
-def mat_element(buf: memoryview, pos: int, order: str, pad: bool = True) -> tuple[int, memoryview, int]:
-    """The data element at buf[pos]: (type, its data, where the next element starts). A tag is (type, byte count)
-    as two uint32; a 'small' element packs both into one uint32 (count << 16 | type) and its data into the next 4
-    bytes. Inside a matrix elements are padded to 8 bytes; top-level ones are not (compressed ones end anywhere)."""
-    mtype, nbytes = struct.unpack_from(order + "II", buf, pos)
-    if mtype >> 16: return mtype & 0xFFFF, buf[pos + 4:pos + 4 + (mtype >> 16)], pos + 8
-    end = pos + 8 + nbytes
-    if end > len(buf): raise ValueError(f"an element of {nbytes} bytes at byte {pos} runs past the end")
-    return mtype, buf[pos + 8:end], (end + 7) // 8 * 8 if pad else end
-
-
-def mat_matrix(body: memoryview, order: str) -> tuple[str, np.ndarray | None]:
-    """An miMATRIX element's data -> (variable name, array in MATLAB's shape), None for anything but a real numeric
-    array. Subelements: array flags (class in the low byte, complex bit 0x800), dimensions, name, real part."""
-    _, flags, pos = mat_element(body, 0, order)
-    _, dims, pos = mat_element(body, pos, order)
-    _, name, pos = mat_element(body, pos, order)
-    flag_word, name = struct.unpack_from(order + "I", flags)[0], bytes(name).decode("latin-1")
-    if (flag_word & 0xFF) not in MAT_CLASSES or flag_word & 0x800: return name, None
-    shape = tuple(np.frombuffer(dims, order + "i4"))
-    dtype, data, _ = mat_element(body, pos, order)
-    if dtype not in MAT_TYPES: raise ValueError(f"variable {name} has data of unknown type {dtype}")
-    arr = np.frombuffer(data, order + MAT_TYPES[dtype])                  # stored type: may be smaller than the class
-    if arr.size != int(np.prod(shape)): raise ValueError(f"variable {name} holds {arr.size} values, not {shape}")
-    return name, arr.reshape(shape, order="F").astype(MAT_CLASSES[flag_word & 0xFF], copy=False)   # column-major
-
-
-def read_mat(raw: bytes, path) -> dict[str, np.ndarray]:
-    """{name: array} for the real numeric variables of a MATLAB v5 .mat file (MATLAB's -v6 and -v7 formats).
-
-    Why not scipy.io.loadmat: scipy is a heavy dependency for reading two arrays, and SVHN's files use a small part
-    of the format ("MAT-File Format", MathWorks): a 128-byte header (text, version, endian indicator "IM" or "MI"),
-    then one data element per variable, an miMATRIX or an miCOMPRESSED element that zlib-compresses one. Cell,
-    struct, char, sparse and complex variables are skipped; v7.3 files (HDF5) are not read."""
-    if raw[:10] == b"MATLAB 7.3":
-        raise DataError(f"{path} is a MATLAB 7.3 (HDF5) file, which this reader does not read: re-save it with -v7")
-    order = {b"IM": "<", b"MI": ">"}.get(raw[126:128])
-    if len(raw) < 128 or order is None or raw[:4] == b"\0\0\0\0":
-        raise DataError(f"{path} is not a MATLAB v5 .mat file (no v5 header): {FIX_BAD_FILE}")
-    buf, pos, arrays = memoryview(raw), 128, {}
-    try:
-        while pos < len(buf):
-            mtype, body, pos = mat_element(buf, pos, order, pad=False)
-            if mtype == MI_COMPRESSED: mtype, body, _ = mat_element(memoryview(zlib.decompress(body)), 0, order)
-            if mtype != MI_MATRIX: continue
-            name, arr = mat_matrix(body, order)
-            if arr is not None: arrays[name] = arr
-    except (struct.error, zlib.error, ValueError) as e:
-        raise DataError(f"{path} is truncated or not a valid .mat file ({e}): {FIX_BAD_FILE}") from None
-    return arrays
-
 
 def svhn_split(path: Path, md5: str) -> tuple[np.ndarray, np.ndarray]:
     """One SVHN file: X (32, 32, 3, N) uint8 (row, column, channel, image) and y (N, 1) with 1..10, 10 for digit 0."""
@@ -259,63 +191,15 @@ def svhn_split(path: Path, md5: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_svhn(roots: list[Path], mirrors=SVHN_MIRRORS) -> Dataset:
     folder = find_folder(roots, "svhn", SVHN_FILES)
-    missing = [f for f in SVHN_FILES if not (folder / f).exists()]
-    if missing: download(folder, missing, mirrors, f"download them from {SVHN_MIRRORS[0]} into that folder, "
-                                                   "or point --data-dir / VLAE_DATA at a folder holding them")
+    absent = [f for f in SVHN_FILES if not (folder / f).exists()]           # (SVHN's files are not gzipped)
+    if absent:
+        download(folder, absent, mirrors, f"download them from {SVHN_MIRRORS[0]} into that folder, or point "
+                                          "--data-dir / VLAE_DATA at a folder holding them")
     (train_x, train_y), (test_x, test_y) = (svhn_split(folder / f, md5) for f, md5 in SVHN_FILES.items())
     return Dataset("svhn", train_x, train_y, test_x, test_y)
 
 
 # --------------------------------------------------------------------------------------------- CelebA
-
-def decode_jpeg(path: Path) -> np.ndarray:
-    """One CelebA image -> (3, 64, 64) uint8: the central 108x108 (rounding as the authors'), resized bilinearly."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            left, top = round((img.width - CELEBA_CROP) / 2), round((img.height - CELEBA_CROP) / 2)
-            # crop, then resize: resize(box=...) would blend in pixels from outside the box at its edges
-            img = img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP))
-            img = img.resize((CELEBA_SIZE, CELEBA_SIZE), Image.Resampling.BILINEAR)
-            return np.asarray(img).transpose(2, 0, 1)                    # (H, W, C) -> (C, H, W)
-    except OSError as e:
-        raise DataError(f"{path} is not a readable image ({e}): delete it or unzip img_align_celeba.zip anew") from None
-
-
-def celeba_images(images: Path, names: list[str]) -> np.ndarray:
-    """All images, (N, 3, 64, 64) uint8, memory-mapped from a cache next to the folder,
-    <images>.64x64.<hash of the file names>.npy. The JPEGs are decoded once; when the list of files changes, so does
-    the hash: the old cache is deleted and the images decoded again. (A file replaced under the same name is not
-    noticed: delete the cache.)"""
-    from tinygrad.helpers import tqdm                                  # the only use of tinygrad in data.py
-    key = hashlib.sha1("\n".join([f"crop {CELEBA_CROP}", *names]).encode()).hexdigest()[:12]
-    prefix = f"{images.name}.{CELEBA_SIZE}x{CELEBA_SIZE}."
-    cache, shape = images.parent / (prefix + key + ".npy"), (len(names), 3, CELEBA_SIZE, CELEBA_SIZE)
-    if cache.exists():
-        try:
-            x = np.load(cache, mmap_mode="r")
-            if x.shape == shape and x.dtype == np.uint8: return x
-        except (OSError, ValueError): pass
-        print(f"{cache} is unreadable: decoding the images again", file=sys.stderr)
-    x = np.empty(shape, np.uint8)
-    with ThreadPoolExecutor(os.cpu_count()) as pool, tqdm(total=len(names), desc="decoding CelebA", unit="img") as bar:
-        for start in range(0, len(names), 1024):                  # Pillow releases the GIL while it decodes
-            block = names[start:start + 1024]
-            x[start:start + len(block)] = np.stack(list(pool.map(decode_jpeg, [images / n for n in block])))
-            bar.update(len(block))
-    tmp = cache.with_name(cache.name + ".part")
-    try:
-        with open(tmp, "wb") as f: np.save(f, x)
-        os.replace(tmp, cache)                                     # atomic: a cache file is complete or absent
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        print(f"could not write the cache {cache} ({e}): the images will be decoded again next time", file=sys.stderr)
-        return x
-    for old in images.parent.glob(prefix + "*.npy"):
-        if old != cache: old.unlink()
-    return np.load(cache, mmap_mode="r")
-
 
 def celeba_test_rows(folder: Path, names: list[str]) -> np.ndarray:
     """(N,) bool, True for test images. CelebA's own split where list_eval_partition.txt (md5-checked) or Kaggle's
@@ -326,11 +210,13 @@ def celeba_test_rows(folder: Path, names: list[str]) -> np.ndarray:
         return np.arange(len(names)) >= len(names) - (len(names) + 9) // 10
     path = txt if txt.exists() else csv
     raw = path.read_bytes()
-    if path == txt: check_md5(path, raw, CELEBA_PARTITION_MD5)
+    if path == txt:
+        check_md5(path, raw, CELEBA_PARTITION_MD5)
     lines = (line.replace(",", " ").split() for line in raw.decode(errors="replace").splitlines())
     partition = {fields[0]: fields[1] for fields in lines if len(fields) == 2}       # a csv header line is harmless
-    if missing := [n for n in names if n not in partition]:
-        raise DataError(f"{path} has no partition for {len(missing)} of the images (e.g. {missing[0]}): "
+    unknown = [n for n in names if n not in partition]
+    if unknown:
+        raise DataError(f"{path} has no partition for {len(unknown)} of the images (e.g. {unknown[0]}): "
                         "delete it to split by file name (the last 10% are the test set)")
     return np.array([partition[n] == "2" for n in names])
 
@@ -347,16 +233,19 @@ def load_celeba(roots: list[Path]) -> Dataset:
     images = folder / "img_align_celeba"
     if not images.is_dir():
         for zipped in (f / "img_align_celeba.zip" for root in roots for f in (root / "celeba", root)):
-            if zipped.exists(): raise DataError(f"{zipped} is not unzipped: run `unzip {zipped} -d {zipped.parent}`")
+            if zipped.exists():
+                raise DataError(f"{zipped} is not unzipped: run `unzip {zipped} -d {zipped.parent}`")
         places = ", ".join(str(r / "celeba") for r in roots)
         raise DataError(f"CelebA is not in {places}: download img_align_celeba.zip by hand (there is no stable URL) "
                         f"from {CELEBA_URLS} and unzip it into {folder}, "
                         f"so that {images / '000001.jpg'} exists")
-    if (images / "img_align_celeba").is_dir(): images = images / "img_align_celeba"    # nested, as some copies unzip
+    if (images / "img_align_celeba").is_dir():                         # nested, as some copies unzip
+        images = images / "img_align_celeba"
     names = sorted(f for f in os.listdir(images) if f.lower().endswith((".jpg", ".jpeg")))
-    if not names: raise DataError(f"{images} holds no .jpg files: unzip img_align_celeba.zip into {folder}")
+    if not names:
+        raise DataError(f"{images} holds no .jpg files: unzip img_align_celeba.zip into {folder}")
     test = celeba_test_rows(folder, names)                              # before decoding: it can fail fast
-    x = celeba_images(images, names)
+    x = decoded_jpegs(images, names, CELEBA_CROP, CELEBA_SIZE, desc="decoding CelebA")
     train_x, test_x = rows(x, ~test), rows(x, test)
     return Dataset("celeba", train_x, np.zeros(len(train_x), np.int64), test_x, np.zeros(len(test_x), np.int64),
                    labelled=False)
@@ -388,43 +277,6 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int
         if binarize:
             xb = (np.random.default_rng([seed, epoch, i]).random(xb.shape, dtype=np.float32) < xb).astype(np.float32)
         yield xb, y[idx]
-
-
-def image_grid(images: np.ndarray, nrow: int, gutter: int = 2, scale: int = 1, background: float = 1.0) -> np.ndarray:
-    """(N, C, H, W) in [0, 1] -> (rows*(H+g)+g, nrow*(W+g)+g, C) uint8, images separated by gutters."""
-    n, c, h, w = images.shape
-    ncol_rows = (n + nrow - 1) // nrow
-    grid = np.full((ncol_rows * (h + gutter) + gutter, nrow * (w + gutter) + gutter, c), background, np.float32)
-    for i, img in enumerate(images):
-        r, col = divmod(i, nrow)
-        top, left = gutter + r * (h + gutter), gutter + col * (w + gutter)
-        grid[top:top + h, left:left + w] = img.transpose(1, 2, 0)
-    grid = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
-    return grid.repeat(scale, 0).repeat(scale, 1) if scale > 1 else grid
-
-
-def over_each_other(top: np.ndarray, bottom: np.ndarray, ncol: int) -> np.ndarray:
-    """Rows of ncol images from top, each followed by the matching row from bottom (e.g. test images over their
-    reconstructions): (N, C, H, W) twice -> (2N, C, H, W) for image_grid(..., ncol)."""
-    rows = [part for r in range(0, len(top), ncol) for part in (top[r:r + ncol], bottom[r:r + ncol])]
-    return np.concatenate(rows)
-
-
-def save_png(grid: np.ndarray, path, header: str | None = None) -> Path:
-    """Write a grid from image_grid as PNG, with an optional one-line text header above it."""
-    from PIL import Image, ImageDraw
-    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    if header:
-        framed = Image.new(img.mode, (img.width, img.height + 14), 255 if img.mode == "L" else (255, 255, 255))
-        framed.paste(img, (0, 14))
-        ImageDraw.Draw(framed).text((2, 1), header, fill=0 if img.mode == "L" else (0, 0, 0))
-        img = framed
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,9 +19,8 @@ from tinygrad import Tensor, TinyJit, Context, nn
 from tinygrad.helpers import tqdm
 from data import DataError, Dataset, as_float, batches, binarized_test_set, load_dataset
 from checkpoint import UserError, atomic_safe_save, load_model, load_part, read_safetensors
-from sample import generate, quantile_grid
-from vlae import weights
-from kernels import batched, cached_jit, load_programs, save_programs
+from vlae import quantile_grid, weights
+from kernels import batched, elbo_parts, generate_images, jitted, load_programs, posterior_means, save_programs
 
 ACTIVE = 0.01               # Burda et al. 2015: a unit is active when Cov_x(E_q[z_u]) exceeds this
 ATTRIBUTES = ("identity", "thickness", "width", "slant")
@@ -121,7 +120,7 @@ class Classifier:
 
 def classify(clf: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """images (N, 1, 28, 28) -> (class probabilities (N, 10), features (N, 128))."""
-    jit = cached_jit(clf, "classify", lambda x: (clf(x).softmax().realize(), clf.features(x).realize()))
+    jit = jitted(clf, "classify", lambda x: (clf(x).softmax().realize(), clf.features(x).realize()))
     return batched(lambda xb: jit(xb[0]), [images.reshape(-1, 1, 28, 28)])
 
 
@@ -174,18 +173,12 @@ def load_classifier(path: Path, ds: Dataset, epochs: int) -> tuple[Classifier, f
 
 def log_weights(model, x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """x (N, C, H, W) -> log importance weights (N, k), log p(x, z_i) - log q(z_i | x), z_i ~ q(z | x)."""
-    jit = cached_jit(model, "log_weight", lambda x, *eps: model.log_weight(x, list(eps)).realize())
+    jit = jitted(model, "log_weight", lambda x, *eps: model.log_weight(x, list(eps)).realize())
     out = np.empty((len(x), k), np.float32)
     for i in tqdm(range(k), desc=f"IW-{k}"):
         eps = [rng.standard_normal((len(x), d), dtype=np.float32) for d in model.cfg.latent_dims]
         out[:, i] = batched(lambda a: jit(a[0], *a[1:]), [x, *eps])
     return out
-
-
-def posterior_means(model, x: np.ndarray) -> list[np.ndarray]:
-    """E_q[z_l | x] per layer, (N, d_l) each. For the HVAE, q(z_{l+1} | z_l) is evaluated at the mean of the layer
-    below (encode(sample=False)) rather than averaged over its samples."""
-    return list(batched(lambda xb: tuple(mu for mu, _ in model.encode_jit(xb[0])), [x]))
 
 
 def layer_effects(generate_fn, dims: tuple, clf: Classifier, bases: int, resamples: int,
@@ -353,7 +346,7 @@ def run_evaluation(args) -> dict:
     report = {"run": str(run), "epoch": meta.get("epoch"), "config": cfg.to_dict(), "dataset": dataset,
               "settings": {k: v for k, v in vars(args).items() if k not in ("run", "out")}}
 
-    parts, _ = model.elbo_parts(test_x)                                   # (N, 2+L): elbo, recon, kl_1..kl_L
+    parts, _ = elbo_parts(model, test_x)                                  # (N, 2+L): elbo, recon, kl_1..kl_L
     idx = rng.choice(len(test_x), args.iw_images, replace=False)
     log_w = log_weights(model, test_x[idx], args.k, rng)
     ks = sorted({k for k in (1, 10, 100, 1000, 10000) if k <= args.k and args.k % k == 0} | {args.k})
@@ -365,6 +358,7 @@ def run_evaluation(args) -> dict:
         "iw": {str(k): {"bound": float(b.mean()), "sem": sem(b), "gain": float((b - bounds[1]).mean()),
                         "gain_sem": sem(b - bounds[1])} for k, b in bounds.items()},
         "subset_elbo": float(parts[idx, 0].mean())}
+    # E_q[z_l | x]; for the HVAE, q(z_{l+1} | z_l) is evaluated at the mean of the layer below, not averaged
     variances = [active_units(m) for m in posterior_means(model, test_x)]
     report["active_units"] = {"per_layer": [a for _, a in variances], "of": list(cfg.latent_dims),
                               "variances": [[float(v) for v in var] for var, _ in variances]}
@@ -372,11 +366,11 @@ def run_evaluation(args) -> dict:
     if dataset == "mnist":
         clf, accuracy = load_classifier(Path(args.classifier), ds, args.classifier_epochs)
         report["classifier"] = {"path": args.classifier, "test_accuracy": accuracy}
-        report |= hierarchy(lambda eps: generate(model, eps), cfg.latent_dims, clf, args, rng)
+        report |= hierarchy(lambda eps: generate_images(model, eps), cfg.latent_dims, clf, args, rng)
         _, test_features = classify(clf, ds.test_x)
         eps = [rng.standard_normal((args.samples, d), dtype=np.float32) for d in cfg.latent_dims]
         reference = ds.train_x[rng.choice(len(ds.train_x), args.samples, replace=False)]
-        quality = {"ancestral": sample_quality(clf, generate(model, eps), test_features)}
+        quality = {"ancestral": sample_quality(clf, generate_images(model, eps), test_features)}
         if cfg.model == "hvae":
             quality["gibbs"] = sample_quality(clf, gibbs_samples(model, args.samples, args.gibbs_steps, args.seed),
                                               test_features)
@@ -420,7 +414,7 @@ def markdown(r: dict) -> str:
         lines += ["", f"What changes when one layer is resampled ({s['bases']} contexts x {s['resamples']} draws), "
                   f"as a share across layers (raw value in brackets): identity = P(two draws get different labels); "
                   f"thickness / width / slant = std; pixel variance = Fig. 3's measure.", "",
-                  f"| resampled | identity | thickness | width | slant | pixel variance |", "|---|---|---|---|---|---|"]
+                  "| resampled | identity | thickness | width | slant | pixel variance |", "|---|---|---|---|---|---|"]
         for l in range(L):
             cells = [f"{norm[k][l]:.2f} ({raw[l][k]:.3f})" for k in ATTRIBUTES + ("pixel_var",)]
             lines.append(f"| {name}_{l + 1}{' (bottom)' if l == 0 else ' (top)' if l == L - 1 else ''} | "

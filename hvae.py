@@ -17,7 +17,7 @@ from tinygrad import Tensor
 from vlae import (ELBO, LatentModel, ModelConfig, GaussianHead, conv_encoder, conv_features, conv_decoder, dense,
                   gaussian_log_prob, init_weights, log_likelihood, lrelu, relu, reparameterize,
                   standard_normal_log_prob)
-from kernels import cached_jit
+from kernels import jitted
 
 
 class HVAE(LatentModel):
@@ -95,8 +95,10 @@ class HVAE(LatentModel):
         follows Tensor.manual_seed exactly."""
         mu, sigma = x.sequential(self.q[0])
         mean = self.decode([reparameterize(mu, sigma, eps)])
-        if not sample_x: return mean
-        if self.cfg.likelihood == "bernoulli": return (noise < mean).float()
+        if not sample_x:
+            return mean
+        if self.cfg.likelihood == "bernoulli":
+            return (noise < mean).float()
         # Gaussian r: mean + sigma_x * N(0, 1), the normal drawn from the uniform by the Box-Muller transform
         normal = (-2 * noise[0].log()).sqrt() * (2 * np.pi * noise[1]).cos()
         return (mean + self.cfg.sigma_x * normal).clip(0, 1)
@@ -106,8 +108,8 @@ class HVAE(LatentModel):
         when x0 is a number of chains. Returns every state, (steps + 1, B, C, H, W); state 0 is x0. Only q(z_1 | x)
         and p(x | z_1) are used: the upper layers play no part."""
         x = Tensor.rand(x0, *self.cfg.image_shape) if isinstance(x0, int) else x0
-        step = cached_jit(self, f"gibbs_{'sampled' if sample_x else 'means'}",
-                          lambda *a: self.gibbs_step(*a, sample_x).realize())
+        step = jitted(self, f"gibbs_{'sampled' if sample_x else 'means'}",
+                      lambda *a: self.gibbs_step(*a, sample_x).realize())
         states = [x.contiguous().realize()]
         for _ in range(steps):
             eps = Tensor.randn(x.shape[0], self.cfg.latent_dims[0]).realize()

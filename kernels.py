@@ -1,13 +1,13 @@
-"""tinygrad machinery, not the paper: compiled kernels kept between runs, kernel search on the slowest kernels of a
-training step, per-kernel timing, and small jit and device helpers. The models and the training loop use these;
-nothing here changes what is computed, only how fast.
+"""tinygrad machinery, not the paper: the models run jitted over numpy arrays at one batch size, compiled kernels
+kept between runs, kernel search on the slowest kernels of a training step, per-kernel timing, and which device is a
+CPU. Nothing here changes what is computed, only how it runs and how fast.
 
-    import kernels
-    kernels.load_programs()                         # kernels compiled by earlier runs
-    kernels.search_slowest(make_trainer, x, beta)   # once per network and device: BEAM on the slowest kernels
+    from kernels import generate_images, load_programs
+    load_programs()                                          # kernels compiled by earlier runs
+    images = generate_images(model, eps)                     # eps: numpy noise per layer (..., d_l) -> (..., C, H, W)
 """
 from __future__ import annotations
-import ctypes, importlib.metadata, json, os, pickle, re, sys
+import ctypes, importlib.metadata, json, os, pickle, re, sys, time
 from dataclasses import replace
 from pathlib import Path
 # pocl (OpenCL on the CPU) prints "1 warning generated." for each kernel tinygrad compiles; -w silences its compiler
@@ -21,37 +21,79 @@ from tinygrad.helpers import CACHEDB, CACHELEVEL, NOOPT
 from tinygrad.uop.ops import Ops, UOp
 
 
-def cached_jit(obj, name: str, fn) -> TinyJit:
-    """TinyJit(fn), created on first use and kept on obj as the private attribute _<name>_jit, so that each object
-    compiles each function once. vlae.weights() skips private attributes: what a jit captures never reaches a
-    checkpoint."""
-    attr = f"_{name}_jit"
-    if attr not in vars(obj): setattr(obj, attr, TinyJit(fn))
-    return getattr(obj, attr)
+# ---------------------------------------------------------------------------------------------------------
+# The models over numpy arrays: jitted, at one batch size
+# ---------------------------------------------------------------------------------------------------------
+
+BATCH = 100                 # sampling and evaluation run at this batch size (padded): each jit compiles once
 
 
-BATCH = 100                 # evaluation and sampling run at this batch size (padded): one compile each
+def jitted(obj, name: str, fn) -> TinyJit:
+    """TinyJit(fn), made on first use and kept on obj as the private attribute _<name>_jit, so that each function
+    compiles once per model. vlae.weights() skips private attributes: what a jit captures never reaches a checkpoint."""
+    if f"_{name}_jit" not in vars(obj):
+        setattr(obj, f"_{name}_jit", TinyJit(fn))
+    return getattr(obj, f"_{name}_jit")
 
 
 def batched(fn, arrays: list[np.ndarray]):
-    """fn(list of (BATCH, ...) Tensors) -> Tensor or tuple of Tensors, applied to the rows of arrays, outputs
+    """fn(list of (BATCH, ...) Tensors) -> Tensor or tuple of Tensors, applied to the rows of numpy arrays, the outputs
     concatenated as numpy. The last chunk is padded with copies of its last row, so every call has the same shape
     and a jitted fn compiles once."""
     n, outs = len(arrays[0]), []
     for i in range(0, n, BATCH):
         chunk = [a[i:i + BATCH] for a in arrays]
         pad = BATCH - len(chunk[0])
-        chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) if pad else c for c in chunk]
+        if pad:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
         ret = fn([Tensor(np.ascontiguousarray(c, dtype=np.float32)) for c in chunk])
         outs.append([r.numpy()[:BATCH - pad] for r in (ret if isinstance(ret, tuple) else (ret,))])
     cat = [np.concatenate(parts) for parts in zip(*outs)]
     return tuple(cat) if len(cat) > 1 else cat[0]
 
 
+def generate_jit(model) -> TinyJit:
+    """model.generate jitted (eval mode: BatchNorm uses its running statistics): noise Tensors per layer -> images."""
+    return jitted(model, "generate", lambda *eps: model.generate(list(eps)).realize())
+
+
+def generate_images(model, eps: list[np.ndarray]) -> np.ndarray:
+    """Noise per layer, numpy arrays (..., d_l) with the same leading shape -> images (..., C, H, W): the means of
+    r(x | z) in [0, 1] (for an HVAE, Eq. 15 with this noise)."""
+    lead = eps[0].shape[:-1]
+    images = batched(lambda e: generate_jit(model)(*e), [e.reshape(-1, e.shape[-1]) for e in eps])
+    return images.reshape(*lead, *images.shape[1:])
+
+
+def posterior_means(model, x: np.ndarray) -> list[np.ndarray]:
+    """x (N, C, H, W) -> mu_l(x) (N, d_l) per layer (Eq. 13)."""
+    jit = jitted(model, "encode", lambda x: tuple(mu.realize() for mu, _ in model.encode(x)))
+    return list(batched(lambda xb: jit(xb[0]), [x]))
+
+
+def reconstruct(model, x: np.ndarray) -> np.ndarray:
+    """x (N, C, H, W) -> the images decoded from the posterior means mu_l(x)."""
+    jit = jitted(model, "reconstruct", lambda x: model.decode([mu for mu, _ in model.encode(x)]).realize())
+    return batched(lambda xb: jit(xb[0]), [x])
+
+
+def elbo_parts(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example ELBO parts (N, 2+L): elbo, recon, kl_1..kl_L, for every row of x, and the images decoded from
+    the posterior means (N, C, H, W)."""
+    def parts(x: Tensor) -> tuple[Tensor, Tensor]:
+        out = model.elbo(x)
+        recon_mean = model.decode([mu for mu, _ in model.encode(x)])
+        return Tensor.stack(out.elbo, out.recon, *out.kl, dim=1).realize(), recon_mean.realize()
+    jit = jitted(model, "evaluate", parts)
+    return batched(lambda xb: jit(xb[0]), [x])
+
+
 def on_cpu(device: str) -> bool:
     """Whether a tinygrad device computes on the CPU: its CPU backends, and OpenCL run by a CPU driver such as pocl."""
-    if device.split(":")[0] in ("CPU", "CLANG", "LLVM", "PYTHON"): return True
-    if device.split(":")[0] != "CL": return False
+    if device.split(":")[0] in ("CPU", "CLANG", "LLVM", "PYTHON"):
+        return True
+    if device.split(":")[0] != "CL":
+        return False
     from tinygrad.runtime.autogen import opencl as cl
     kind = ctypes.c_uint64()
     cl.clGetDeviceInfo(Device[device].cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)
@@ -65,7 +107,8 @@ def on_cpu(device: str) -> bool:
 def program_cache_path() -> Path | None:
     """Where compiled kernels are kept between runs: beside tinygrad's own cache (its CACHEDB), one file per tinygrad
     version. None when caching is off (VLAE_PROGRAM_CACHE=0, or tinygrad's CACHELEVEL=0)."""
-    if os.environ.get("VLAE_PROGRAM_CACHE", "1") == "0" or CACHELEVEL.value < 1: return None
+    if os.environ.get("VLAE_PROGRAM_CACHE", "1") == "0" or CACHELEVEL.value < 1:
+        return None
     return Path(CACHEDB).parent / f"vlae-programs-tinygrad-{importlib.metadata.version('tinygrad')}.pkl"
 
 
@@ -74,14 +117,19 @@ _saved = {"programs": 0, "searched": set()}     # what the file held when this p
 
 def load_programs() -> None:
     """Fill tinygrad's in-memory kernel cache from program_cache_path(). tinygrad turns each kernel of a graph into
-    source code and compiles it; its CACHEDB keeps only the compiler's output, so a new process still spends most of
-    a minute (CPU) re-deriving the ~300 distinct kernels of a training step. The programs themselves are kept here,
+    source code and compiles it; its CACHEDB keeps only the compiler's output, so a new process still spends tens of
+    seconds re-deriving the ~300 distinct kernels of a training step (the first steps of the narrow / medium VLAE on
+    DEV=CPU took 43.5 / 29.8 s without this cache, 10.7 / 14.8 s with it: bench/results/warmup-program-cache-*.json).
+    The programs themselves are kept here,
     keyed as tinygrad keys them (the kernel's AST, the device's renderer and the settings that change code), so a
     cached program is only ever used for the kernel it was made from. An unreadable file is ignored (and replaced)."""
-    if (path := program_cache_path()) is None or not path.exists(): return
+    if (path := program_cache_path()) is None or not path.exists():
+        return
     try:
-        with open(path, "rb") as f: saved = pickle.load(f)
-        if "programs" not in saved: saved = {"programs": saved, "searched": []}        # the format before search
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        if "programs" not in saved:
+            saved = {"programs": saved, "searched": []}        # the format before search
         programs, searched = saved["programs"], set(saved["searched"])
     except Exception as e:
         print(f"note: ignoring the unreadable kernel cache {path} ({type(e).__name__}); it is rebuilt", file=sys.stderr)
@@ -95,7 +143,8 @@ def save_programs() -> None:
     failure only costs speed)."""
     programs = dict(tinygrad.codegen.to_program_cache)
     path, searched = program_cache_path(), set(_saved["searched"])
-    if path is None or (len(programs) <= _saved["programs"] and not _saved.get("dirty")): return
+    if path is None or (len(programs) <= _saved["programs"] and not _saved.get("dirty")):
+        return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +179,7 @@ def kernel_times(jit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> lis
     return list(zip(best, calls))
 
 
-def search_slowest(make_trainer, x: Tensor, beta: Tensor, top: int = 2, beam: int = 2, label: str = "") -> list:
+def search_slowest(make_trainer, x_shape: tuple, top: int = 2, beam: int = 2, label: str = "") -> list:
     """tinygrad's kernel search (BEAM) on the `top` kernels that take the most time in a training step, once per
     network, batch and device: their searched programs replace the default ones in tinygrad's kernel cache and are
     saved with it (save_programs), so later runs compile nothing and search nothing. BEAM=2 over all ~300 distinct
@@ -138,16 +187,23 @@ def search_slowest(make_trainer, x: Tensor, beta: Tensor, top: int = 2, beam: in
     so searching those pays: each takes minutes (longer the slower it is). make_trainer() builds a fresh
     train.Trainer; two are built and thrown away: one to time the kernels (which updates its weights), one whose
     step is scheduled but never run, for the kernels' unoptimized form that the search starts from. Returns
-    (name, ms per step before) of the kernels searched; [] when done before, or under NOOPT (no optimization)."""
-    marker = json.dumps([label, Device.DEFAULT, str(Device[Device.DEFAULT].renderer.target), list(x.shape), top, beam])
-    if NOOPT or top < 1 or marker in _saved["searched"]: return []
+    (name, ms per step before) of the kernels searched; [] when done before, or under NOOPT (no optimization).
+    x_shape is the batch's; label names the network (its config)."""
+    marker = json.dumps([label, Device.DEFAULT, str(Device[Device.DEFAULT].renderer.target), list(x_shape), top, beam])
+    if NOOPT or top < 1 or marker in _saved["searched"]:
+        return []
+    t0 = time.perf_counter()
+    x = Tensor(np.random.default_rng(0).random(x_shape, dtype=np.float32)).realize()
+    beta = Tensor([1.0]).realize()
     trainer = make_trainer()
-    for _ in range(3): trainer.step(x, beta).numpy()                # compile, capture, replay
+    for _ in range(3):
+        trainer.step(x, beta).numpy()                # compile, capture, replay
     per_program: dict[int, list] = {}                               # id -> [seconds per step, program]
     for sec, call in kernel_times(trainer.jit, (x, beta)):
         per_program.setdefault(id(call.src[0]), [0.0, call.src[0]])[0] += sec
     slowest = sorted(per_program.values(), key=lambda sp: -sp[0])[:top]
-    with Context(TRAINING=1): linear = Tensor.schedule_linear(*make_trainer().step_tensors(x, beta)[0])
+    with Context(TRAINING=1):
+        linear = Tensor.schedule_linear(*make_trainer().step_tensors(x, beta)[0])
     unoptimized = {}                                                # id(default program) -> (cache key, AST, renderer)
     for call in linear.src:
         if call.op is Ops.CALL and call.src[0].op is Ops.SINK:
@@ -157,11 +213,15 @@ def search_slowest(make_trainer, x: Tensor, beta: Tensor, top: int = 2, beam: in
                 unoptimized[id(prg)] = (key, call.src[0], renderer)
     searched = []
     for sec, prg in slowest:
-        if id(prg) not in unoptimized: continue                     # not a kernel of the step's own graph
+        if id(prg) not in unoptimized:
+            continue                     # not a kernel of the step's own graph
         key, ast, renderer = unoptimized[id(prg)]
         tinygrad.codegen.to_program_cache[key] = do_to_program(ast.replace(arg=replace(ast.arg, beam=beam)), renderer)
         searched.append((plain(prg.arg.name), 1e3 * sec))
     _saved["searched"].add(marker)
     _saved["dirty"] = True
     save_programs()
+    print(f"searched the {len(searched)} slowest kernels of the training step ({sum(ms for _, ms in searched):.0f} ms "
+          f"of it before) in {time.perf_counter() - t0:.0f} s, kept for later runs (--kernel-search 0 skips this)",
+          file=sys.stderr, flush=True)
     return searched

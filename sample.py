@@ -12,17 +12,16 @@ Every picture is a function of the checkpoint and --seed only: all noise is draw
 jitted at one fixed batch size. With no picture asked for, `--sweep-layer all` is drawn.
 """
 from __future__ import annotations
-import argparse, statistics, sys
+import argparse, sys
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
-from data import DataError, as_float, binarized_test_set, load_dataset, image_grid, over_each_other, save_png
+from data import DataError, as_float, binarized_test_set, load_dataset
+from formats import image_grid, over_each_other, save_png, side_by_side
+from vlae import QUANTILES, normal_quantiles, quantile_grid
 from checkpoint import UserError, load_model
-from kernels import batched, load_programs, save_programs
+from kernels import generate_images, load_programs, reconstruct, save_programs
 
-QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles
-LABEL_H = 14                 # pixels of the caption strip above each panel
-PANEL_GAP = 12               # pixels between panels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -30,27 +29,16 @@ PANEL_GAP = 12               # pixels between panels
 # (panels, rows, cols, d_l): image (p, r, c) of the figure is generated from eps_l[p, r, c] for every l.
 # ---------------------------------------------------------------------------------------------------------
 
-def normal_quantiles(n: int, lo: float = QUANTILES[0], hi: float = QUANTILES[1]) -> np.ndarray:
-    """The inverse standard-normal CDF at n evenly spaced probabilities from lo to hi: equal prior mass between
-    neighbours, so a grid of them covers the prior N(0, 1) as evenly as samples from it would."""
-    return np.array([statistics.NormalDist().inv_cdf(p) for p in np.linspace(lo, hi, n)], np.float32)
-
-
-def quantile_grid(n: int) -> np.ndarray:
-    """(n, n, 2): point [r, c] = (q_c, q_r), so the first code unit grows left to right, the second top to bottom."""
-    q = normal_quantiles(n)
-    return np.stack(np.meshgrid(q, q), axis=-1)
-
-
 def grid_sweep(dims: tuple, layer: int, n: int, panels: int, rng: np.random.Generator,
                fresh: bool = False) -> list[np.ndarray]:
     """Fig. 5: layer `layer` (1-based, a 2-D code) on an n x n quantile grid; every other layer drawn once per panel
     from N(0, I) and held fixed across it. Draws go panel by panel, so panel 0 does not depend on `panels`.
     fresh: every other layer drawn afresh for each image instead (the authors' protocol: what the grid position
     controls whatever the other layers hold)."""
-    if dims[layer - 1] != 2: raise ValueError(f"layer {layer} has a {dims[layer - 1]}-D code; a grid needs 2-D")
-    if fresh: fixed = [[rng.standard_normal((n, n, d)) for d in dims] for _ in range(panels)]
-    else: fixed = [[rng.standard_normal(d) for d in dims] for _ in range(panels)]
+    if dims[layer - 1] != 2:
+        raise ValueError(f"layer {layer} has a {dims[layer - 1]}-D code; a grid needs 2-D")
+    shape = (n, n) if fresh else ()
+    fixed = [[rng.standard_normal((*shape, d)) for d in dims] for _ in range(panels)]
     eps = [np.stack([np.broadcast_to(f[i], (n, n, d)) for f in fixed]) for i, d in enumerate(dims)]
     eps[layer - 1] = np.broadcast_to(quantile_grid(n), (panels, n, n, 2))
     return [e.astype(np.float32) for e in eps]
@@ -78,29 +66,14 @@ def layer_sweep(model_name: str, dims: tuple, layer: int, n: int, panels: int, s
     """The noise `--sweep-layer layer` decodes: grid_sweep where is_grid, else row_sweep (for an HVAE these are the
     eps of Eq. 15, not z). Seeded per layer, so sweep-all.png shows the first panel of each sweep-layerN.png."""
     rng = np.random.default_rng([seed, layer])
-    if is_grid(model_name, dims, layer): return grid_sweep(dims, layer, n, panels, rng, fresh)
+    if is_grid(model_name, dims, layer):
+        return grid_sweep(dims, layer, n, panels, rng, fresh)
     return row_sweep(dims, layer, n, n, rng)
 
 
 def shown_states(steps: int, n: int) -> np.ndarray:
     """At most n chain states, evenly spaced from the start (0) to the last (steps)."""
     return np.unique(np.linspace(0, steps, min(n, steps + 1)).round().astype(int))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Model calls, kernels.BATCH rows at a time (kernels.batched pads the last chunk, so each graph compiles once)
-# ---------------------------------------------------------------------------------------------------------
-
-def generate(model, eps: list[np.ndarray]) -> np.ndarray:
-    """eps per layer (..., d_l) -> images (..., C, H, W), means of p(x | z) in [0, 1]."""
-    lead = eps[0].shape[:-1]
-    images = batched(model.generate_jit, [e.reshape(-1, e.shape[-1]) for e in eps])
-    return images.reshape(*lead, *images.shape[1:])
-
-
-def reconstruct(model, x: np.ndarray) -> np.ndarray:
-    """x (N, C, H, W) -> images decoded from the posterior means mu_l(x) (Eq. 13)."""
-    return batched(lambda xb: model.decode([mu for mu, _ in model.encode_jit(xb[0])]), [x])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,27 +86,16 @@ def panel(images: np.ndarray, scale: int) -> np.ndarray:
     return image_grid(images.reshape(rows * cols, *images.shape[2:]), cols, scale=scale)
 
 
-def side_by_side(grids: list[np.ndarray], labels: list[str]) -> np.ndarray:
-    """Panels from image_grid (H, W, C uint8) placed left to right, PANEL_GAP apart, each under its label."""
-    from PIL import Image, ImageDraw
-    h, c = max(g.shape[0] for g in grids), grids[0].shape[2]
-    canvas = np.full((LABEL_H + h, sum(g.shape[1] for g in grids) + PANEL_GAP * (len(grids) - 1), c), 255, np.uint8)
-    lefts = np.cumsum([0] + [g.shape[1] + PANEL_GAP for g in grids[:-1]])
-    for g, left in zip(grids, lefts): canvas[LABEL_H:LABEL_H + g.shape[0], left:left + g.shape[1]] = g
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    draw = ImageDraw.Draw(img)
-    for label, left in zip(labels, lefts): draw.text((int(left) + 2, 1), label, fill=0 if c == 1 else (0, 0, 0))
-    return np.asarray(img).reshape(canvas.shape)
-
-
 def where(layer: int, L: int) -> str:
     return " (bottom)" if layer == 1 else " (top)" if layer == L else ""
 
 
 def what_varies(cfg, layer: int, fresh: bool = False) -> str:
     name = f"{'eps' if cfg.model == 'hvae' else 'z'}_{layer}"
-    if is_grid(cfg.model, cfg.latent_dims, layer): return f"{name} on a grid" + (", the rest fresh" if fresh else "")
-    if cfg.latent_dims[layer - 1] == 1: return f"{name} swept across, context down"
+    if is_grid(cfg.model, cfg.latent_dims, layer):
+        return f"{name} on a grid" + (", the rest fresh" if fresh else "")
+    if cfg.latent_dims[layer - 1] == 1:
+        return f"{name} swept across, context down"
     return f"columns resample {name}, context down"
 
 
@@ -141,7 +103,7 @@ def sweep_figure(model, tag: str, layer: int, args) -> tuple[np.ndarray, str]:
     """sweep-layerN.png: the panels of layer_sweep side by side."""
     cfg, L, n = model.cfg, model.L, args.grid
     eps = layer_sweep(cfg.model, cfg.latent_dims, layer, n, args.panels, args.seed, args.fresh)
-    images = generate(model, eps)                                   # (panels, rows, cols, C, H, W)
+    images = generate_images(model, eps)                                   # (panels, rows, cols, C, H, W)
     head = f"{tag}: layer {layer} of {L}{where(layer, L)} varies"
     if is_grid(cfg.model, cfg.latent_dims, layer):
         lo, hi = QUANTILES
@@ -160,7 +122,7 @@ def sweep_all_figure(model, tag: str, args) -> tuple[np.ndarray, str]:
     grids, labels = [], []
     for layer in range(1, L + 1):
         eps = layer_sweep(cfg.model, cfg.latent_dims, layer, args.grid, 1, args.seed, args.fresh)
-        grids.append(panel(generate(model, eps)[0], args.scale))
+        grids.append(panel(generate_images(model, eps)[0], args.scale))
         labels.append(f"layer {layer}{where(layer, L)}: {what_varies(cfg, layer, args.fresh)}")
     rest = "draws the others afresh for every image" if args.fresh else "holds the others fixed"
     head = f"{tag}: each panel varies one layer and {rest}; layer 1 (bottom) left, {L} (top) right"
@@ -182,7 +144,7 @@ def gibbs_figure(model, tag: str, args) -> tuple[np.ndarray, str]:
               "ancestral samples, whole model (Eq. 15)"]
     head = (f"{tag}: Proposition 1 chain z_1 ~ q(z_1|x), x ~ p(x|z_1), {args.gibbs} steps from noise "
             f"({'means' if args.chain_means else 'samples'} of p(x|z_1)) | ancestral samples")
-    return side_by_side([panel(states, args.scale), panel(generate(model, eps), args.scale)], labels), head
+    return side_by_side([panel(states, args.scale), panel(generate_images(model, eps), args.scale)], labels), head
 
 
 def prior_figure(model, tag: str, args) -> tuple[np.ndarray, str]:
@@ -191,7 +153,7 @@ def prior_figure(model, tag: str, args) -> tuple[np.ndarray, str]:
     eps = [rng.standard_normal((args.grid, args.grid, d)).astype(np.float32) * args.temperature
            for d in model.cfg.latent_dims]
     kind = "ancestral samples (Eq. 15)" if model.cfg.model == "hvae" else "samples from the prior N(0, I)"
-    return panel(generate(model, eps), args.scale), f"{tag}: {kind}, temperature {args.temperature:g}"
+    return panel(generate_images(model, eps), args.scale), f"{tag}: {kind}, temperature {args.temperature:g}"
 
 
 def reconstruction_figure(model, tag: str, meta: dict, args) -> tuple[np.ndarray, str]:
@@ -243,9 +205,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     for flag, value in (("--grid", args.grid), ("--panels", args.panels), ("--scale", args.scale)):
-        if value < 1: raise UserError(f"{flag} must be >= 1 (got {value})")
-    if args.gibbs is not None and args.gibbs < 1: raise UserError(f"--gibbs must be >= 1 step (got {args.gibbs})")
-    if not args.temperature >= 0: raise UserError(f"--temperature must be >= 0 (got {args.temperature})")
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1 (got {value})")
+    if args.gibbs is not None and args.gibbs < 1:
+        raise UserError(f"--gibbs must be >= 1 step (got {args.gibbs})")
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature must be >= 0 (got {args.temperature})")
     if args.sweep_layer not in (None, "all") and not args.sweep_layer.isdigit():
         raise UserError(f"--sweep-layer {args.sweep_layer}: give a layer number (1 = bottom) or 'all'")
 
@@ -256,8 +221,8 @@ def check_model_args(args, model) -> list:
         raise UserError("--gibbs runs the chain of Proposition 1, which is about the stacked HVAE: pass the run "
                         "folder of one, e.g. --run out/mnist-hvae (train it with `python train.py --model hvae`)")
     L = model.L
-    if args.sweep_layer is None: return []
-    if args.sweep_layer == "all": return ["all"]
+    if args.sweep_layer in (None, "all"):
+        return [args.sweep_layer] if args.sweep_layer else []
     if not 1 <= int(args.sweep_layer) <= L:
         raise UserError(f"--sweep-layer {args.sweep_layer}: this model has layers 1 (bottom) to {L} (top); "
                         f"give one of them or 'all'")
@@ -271,17 +236,23 @@ def sample(args) -> list[Path]:
     model, meta = load_model(run)
     out = Path(args.out) if args.out else (run.parent if run.is_file() else run)
     sweeps = check_model_args(args, model)
-    if not (sweeps or args.gibbs or args.prior or args.reconstruct): sweeps = ["all"]
+    if not (sweeps or args.gibbs or args.prior or args.reconstruct):
+        sweeps = ["all"]
     cfg = model.cfg
     tag = f"{cfg.model.upper()} {cfg.size} {'/'.join(map(str, cfg.latent_dims))}, epoch {meta.get('epoch', '?')}"
     figures = []
     suffix = "-fresh" if args.fresh else ""
     for s in sweeps:
-        if s == "all": figures.append((f"sweep-all{suffix}.png", *sweep_all_figure(model, tag, args)))
-        else: figures.append((f"sweep-layer{s}{suffix}.png", *sweep_figure(model, tag, s, args)))
-    if args.gibbs: figures.append(("gibbs.png", *gibbs_figure(model, tag, args)))
-    if args.prior: figures.append(("prior.png", *prior_figure(model, tag, args)))
-    if args.reconstruct: figures.append(("reconstructions.png", *reconstruction_figure(model, tag, meta, args)))
+        if s == "all":
+            figures.append((f"sweep-all{suffix}.png", *sweep_all_figure(model, tag, args)))
+        else:
+            figures.append((f"sweep-layer{s}{suffix}.png", *sweep_figure(model, tag, s, args)))
+    if args.gibbs:
+        figures.append(("gibbs.png", *gibbs_figure(model, tag, args)))
+    if args.prior:
+        figures.append(("prior.png", *prior_figure(model, tag, args)))
+    if args.reconstruct:
+        figures.append(("reconstructions.png", *reconstruction_figure(model, tag, meta, args)))
     try:
         return [save_png(grid, out / name, head) for name, grid, head in figures]
     except OSError as e:
@@ -292,7 +263,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     load_programs()                                 # kernels compiled by earlier runs (kernels.load_programs)
     try:
-        for path in sample(args): print(path)
+        for path in sample(args):
+            print(path)
         save_programs()
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ import numpy as np
 from data import DataError, as_float, binarized_test_set, load_dataset
 from vlae import ModelConfig, SIZES
 from checkpoint import CHECKPOINT, atomic_safe_save, load_model
-from kernels import load_programs, save_programs
+from kernels import generate_images, load_programs, save_programs
 
 RESULTS = Path("study/results.jsonl")
 # Named recipes; any field can be overridden by its flag. "authors" is their code at the time of the paper
@@ -119,12 +119,11 @@ def tinygrad_cells(args, cfg: ModelConfig, recipe: dict, seed: int, folder: Path
 
 def measure_run(run: Path, on_cell) -> None:
     """Measure a run folder of train.py (its checkpoint, on the tinygrad model)."""
-    import sample
     model, meta = load_model(run)
     m = meta["metrics"]
     seconds = sum(json.loads(line)["epoch_seconds"] for line in open(run / "metrics.jsonl"))
     on_cell(meta["epoch"], meta["step"], seconds, {"test_elbo": m["test_elbo"], "test_kl": m["test_kl"]},
-            lambda eps: sample.generate(model, eps), None)
+            lambda eps: generate_images(model, eps), None)
 
 
 def width_of(cfg: ModelConfig) -> str:

@@ -23,6 +23,7 @@ from tinygrad.nn.state import get_state_dict
 import checkpoint
 import data
 import evaluate
+import formats
 import kernels
 import sample
 import train
@@ -166,14 +167,15 @@ def test_gradients_reach_every_layer(combiner):
     if combiner == "gated": np.testing.assert_allclose(model.gate[0].numpy(), 0.1)
 
 
-def test_prior_sampling_is_seeded():
+def test_generated_images_are_a_function_of_the_noise():
+    """kernels.generate_images: noise of any leading shape, padded to the jit's batch, gives the same images as the
+    model's own generate on those rows."""
     model = tiny()
-    Tensor.manual_seed(3)
-    a = model.sample(6).numpy()
-    Tensor.manual_seed(3)
-    b = model.sample(6).numpy()
-    assert a.shape == (6, 1, 28, 28) and ((a >= 0) & (a <= 1)).all()
-    np.testing.assert_array_equal(a, b)
+    eps = [np.random.default_rng(3).standard_normal((2, 3, 2)).astype(np.float32) for _ in range(3)]
+    a = kernels.generate_images(model, eps)
+    assert a.shape == (2, 3, 1, 28, 28) and ((a >= 0) & (a <= 1)).all()
+    b = model.generate([Tensor(e.reshape(6, 2)) for e in eps]).numpy().reshape(a.shape)
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- HVAE
@@ -302,9 +304,9 @@ def test_corrupt_file_gives_clear_error(mnist_copy):
 
 def test_wrong_magic_gives_clear_error():
     with pytest.raises(data.DataError, match="bad magic .*: replace it"):
-        data.parse_idx(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00", "x")
+        formats.parse_idx(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00", "x")
     with pytest.raises(data.DataError, match="truncated inside its header"):
-        data.parse_idx(b"\x00\x00\x08\x03\x00\x00\x00\x01", "x")
+        formats.parse_idx(b"\x00\x00\x08\x03\x00\x00\x00\x01", "x")
 
 
 def test_missing_files_without_network_give_clear_error(tmp_path):
@@ -353,7 +355,7 @@ def test_fashion_mnist_download_md5_of_gz_and_errors(tmp_path, monkeypatch):
 
 
 def mat_file(variables: dict, compress: bool) -> bytes:
-    """A MATLAB v5 .mat file written from the format spec, independently of data.read_mat: a 128-byte header, then per
+    """A MATLAB v5 .mat file written from the format spec, independently of formats.read_mat: a 128-byte header, then per
     variable an miMATRIX element (flags, dimensions, name, column-major data), zlib-compressed in an miCOMPRESSED
     element if asked. Names of <= 4 bytes use the small element format, as the spec has MATLAB write them. A variable
     given as (array, stored dtype) is stored in a smaller type than its class, which the spec allows (scipy's loadmat
@@ -385,7 +387,7 @@ def svhn_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("compress", [False, True])
 def test_read_mat_matches_the_writer(compress):
     X, y = svhn_like(4, 0)
-    arrays = data.read_mat(mat_file({"X": X, "y": (y, np.uint8), "y2": y}, compress), "t.mat")
+    arrays = formats.read_mat(mat_file({"X": X, "y": (y, np.uint8), "y2": y}, compress), "t.mat")
     assert sorted(arrays) == ["X", "y", "y2"] and arrays["X"].dtype == np.uint8 and arrays["y"].dtype == np.float64
     for name, want in (("X", X), ("y", y), ("y2", y)):
         assert arrays[name].shape == want.shape
@@ -423,13 +425,13 @@ def test_svhn_errors_are_clear(svhn_root, monkeypatch, tmp_path):
     train = root / "svhn/train_32x32.mat"
     raw = train.read_bytes()
     with pytest.raises(data.DataError, match="is truncated or not a valid .mat file"):
-        data.read_mat(raw[:len(raw) - 100], train)
+        formats.read_mat(raw[:len(raw) - 100], train)
     with pytest.raises(data.DataError, match="is truncated or not a valid .mat file"):               # zlib stream cut
-        data.read_mat(mat_file({"X": X}, compress=True)[:-20], train)
+        formats.read_mat(mat_file({"X": X}, compress=True)[:-20], train)
     with pytest.raises(data.DataError, match="is not a MATLAB v5 .mat file"):
-        data.read_mat(b"\x00" * 200, train)
+        formats.read_mat(b"\x00" * 200, train)
     with pytest.raises(data.DataError, match="MATLAB 7.3 .* re-save it with -v7"):
-        data.read_mat(b"MATLAB 7.3 MAT-file" + bytes(600), train)
+        formats.read_mat(b"MATLAB 7.3 MAT-file" + bytes(600), train)
     train.write_bytes(raw[:-100])                                                    # the md5 check comes first
     with pytest.raises(data.DataError, match=r"train_32x32.mat is corrupt: md5 is \w+, expected .*: delete it"):
         data.load_dataset("svhn", str(root))
@@ -471,9 +473,9 @@ def test_celeba_loader_cache_and_split(tmp_path, monkeypatch):
     caches = list((tmp_path / "celeba").glob("img_align_celeba.64x64.*.npy"))
     assert len(caches) == 1 and not list((tmp_path / "celeba").glob("*.part"))
 
-    def no_decoding(path): raise AssertionError(f"{path} decoded again")
+    def no_decoding(path, crop, size): raise AssertionError(f"{path} decoded again")
     with monkeypatch.context() as m:
-        m.setattr(data, "decode_jpeg", no_decoding)
+        m.setattr(formats, "decode_jpeg", no_decoding)
         t0 = time.perf_counter()
         again = data.load_dataset("celeba", str(tmp_path))
         assert time.perf_counter() - t0 < max(0.5, first)
@@ -481,7 +483,7 @@ def test_celeba_loader_cache_and_split(tmp_path, monkeypatch):
 
     celeba_jpegs(tmp_path / "celeba/img_align_celeba", 1, start=13)           # a new file: decode all, new cache
     decoded = []
-    monkeypatch.setattr(data, "decode_jpeg", lambda path, f=data.decode_jpeg: decoded.append(path) or f(path))
+    monkeypatch.setattr(formats, "decode_jpeg", lambda path, *a, f=formats.decode_jpeg: decoded.append(path) or f(path, *a))
     grown = data.load_dataset("celeba", str(tmp_path))
     assert len(decoded) == 13 and len(grown.train_x) + len(grown.test_x) == 13
     assert [c.name for c in (tmp_path / "celeba").glob("*.npy")] != [caches[0].name]     # the old cache is gone
@@ -507,7 +509,7 @@ def test_celeba_partition_file_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CELEBA_PARTITION_MD5", hashlib.md5(partition.read_bytes()).hexdigest())
     ds = data.load_dataset("celeba", str(tmp_path))                          # partitions 0 and 1 train, 2 tests
     assert len(ds.train_x) == 3 and len(ds.test_x) == 1
-    np.testing.assert_array_equal(ds.test_x[0], data.decode_jpeg(folder / "img_align_celeba/000002.jpg"))
+    np.testing.assert_array_equal(ds.test_x[0], formats.decode_jpeg(folder / "img_align_celeba/000002.jpg", 108, 64))
     (folder / "img_align_celeba/000005.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     partition.unlink()
     with pytest.raises(data.DataError, match="000005.jpg is not a readable image .*: delete it"):
@@ -800,13 +802,13 @@ DIMS = (2, 2, 2)
 # --------------------------------------------------------------------------------------------- sample.py: latent grids
 
 def test_grid_coordinates_are_gaussian_quantiles():
-    q = sample.normal_quantiles(10)
+    q = vlae.normal_quantiles(10)
     assert q[0] == pytest.approx(-1.644854, abs=1e-5) and q[-1] == pytest.approx(1.644854, abs=1e-5)
     # the standard normal CDF, Phi(q) = (1 + erf(q / sqrt 2)) / 2, brings them back to evenly spaced probabilities
     cdf = [(1 + math.erf(v / math.sqrt(2))) / 2 for v in q]
     np.testing.assert_allclose(cdf, np.linspace(0.05, 0.95, 10), atol=1e-6)
-    grid = sample.quantile_grid(4)
-    q4 = sample.normal_quantiles(4)
+    grid = vlae.quantile_grid(4)
+    q4 = vlae.normal_quantiles(4)
     for r in range(4):
         for c in range(4): np.testing.assert_array_equal(grid[r, c], [q4[c], q4[r]])   # unit 1 across, unit 2 down
     # the swept layer of a grid sweep holds exactly that grid, in every panel
@@ -849,7 +851,7 @@ def test_row_sweep_varies_only_the_swept_layer_within_a_row(layer):
         else:
             assert (e == e[:, :1]).all()                                        # fixed along each row
             assert len({e[r, 0].tobytes() for r in range(rows)}) == rows        # a new draw in every row
-    if dims[layer - 1] == 1: np.testing.assert_array_equal(eps[layer - 1][0, 0, :, 0], sample.normal_quantiles(cols))
+    if dims[layer - 1] == 1: np.testing.assert_array_equal(eps[layer - 1][0, 0, :, 0], vlae.normal_quantiles(cols))
 
 
 def test_layer_sweep_picks_the_figure_and_is_seeded():
@@ -888,9 +890,9 @@ def test_pngs_match_the_grid_and_the_seed(run, tmp_path, capsys):
     sweep = common + ["--sweep-layer", "3", "--panels", str(panels), "--prior"]
     assert sample.main(sweep) == 0                                       # the default output folder is the run folder
     assert capsys.readouterr().out.split() == [str(run / "sweep-layer3.png"), str(run / "prior.png")]
-    header, label, side = 14, sample.LABEL_H, panel_size(n)
+    header, label, side = 14, formats.LABEL_H, panel_size(n)
     with Image.open(run / "sweep-layer3.png") as im:
-        assert im.size == (panels * side + (panels - 1) * sample.PANEL_GAP, header + label + side)
+        assert im.size == (panels * side + (panels - 1) * formats.PANEL_GAP, header + label + side)
         layer3 = np.asarray(im)
     with Image.open(run / "prior.png") as im:
         assert im.size == (side, header + side)
@@ -898,7 +900,7 @@ def test_pngs_match_the_grid_and_the_seed(run, tmp_path, capsys):
     # every layer side by side; its layer-3 panel is the first panel of sweep-layer3.png (same seed and draws)
     assert sample.main(common + ["--sweep-layer", "all", "--out", str(tmp_path)]) == 0
     with Image.open(tmp_path / "sweep-all.png") as im:
-        assert im.size == (3 * side + 2 * sample.PANEL_GAP, header + label + side)
+        assert im.size == (3 * side + 2 * formats.PANEL_GAP, header + label + side)
         np.testing.assert_array_equal(np.asarray(im)[header + label:, -side:], layer3[header + label:, :side])
 
     # the same seed gives the same bytes (that another seed gives other noise is tested on layer_sweep above)

@@ -16,20 +16,20 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Device, Context, dtypes, nn
 from tinygrad.helpers import tqdm
-from data import DataError, as_float, load_dataset, batches, binarized_test_set, image_grid, over_each_other, save_png
-from vlae import ModelConfig, SIZES, default_size, n_params, weights
-from kernels import load_programs, save_programs, search_slowest
+from data import DATASETS, DataError, as_float, batches, binarized_test_set, load_dataset
+from formats import image_grid, over_each_other, save_png
+from vlae import ModelConfig, SIZES, n_params, weights
+from kernels import elbo_parts, generate_images, load_programs, on_cpu, save_programs, search_slowest
 from checkpoint import (CHECKPOINT, MODELS, UserError, build_model, checkpoint_tensors, load_weights, optimizer_state,
                         read_checkpoint, save_checkpoint)
 
-# Training flags left unset take these, or, with --resume, the checkpoint's values: a plain --resume continues exactly
-# The authors' recipe at the time of the paper (../shared/DESIGN.md; README, Reproducing the paper): Adam 2e-4, KL
-# warm-up T = 15000, with ModelConfig's gated combiner and sigma_x = 0.25
-TRAIN_DEFAULTS = {"dataset": "mnist", "epochs": 3, "batch_size": 100, "lr": 2e-4, "kl_warmup": 15000, "seed": 0,
-                  "subset": 0, "log_every": 50}
-DATA_ORDER = ("dataset", "batch_size", "seed", "subset")    # these fix which batch comes next: --resume keeps them
 # The authors' code sizes per dataset (../shared/DESIGN.md): 3 layers of 2 on MNIST, 4 layers on SVHN and CelebA
 LATENT_DIMS = {"mnist": (2, 2, 2), "fashion-mnist": (2, 2, 2), "svhn": (5, 5, 5, 10), "celeba": (10, 10, 10, 10)}
+# A plain --resume continues exactly: these flags, unless given, take the checkpoint's values (not the defaults),
+# and those of DATA_ORDER, which fix which batch comes next, may not change; nor may the model's (MODEL_FLAGS)
+RESUMED = ("dataset", "epochs", "batch_size", "lr", "kl_warmup", "seed", "subset", "log_every")
+DATA_ORDER = ("dataset", "batch_size", "seed", "subset")
+MODEL_FLAGS = ("model", "latent_dims", "size", "combiner", "likelihood", "sigma_x")
 
 
 class Stopped(Exception):
@@ -70,7 +70,8 @@ class Trainer:
         it, and from then on each call replays the captured kernels; after the capture the compiled kernels are
         saved for the next run (kernels.save_programs)."""
         stats = self.jit(x, beta)
-        if self.jit.cnt == 2: save_programs()
+        if self.jit.cnt == 2:
+            save_programs()
         return stats
 
     def step_tensors(self, x: Tensor, beta: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -94,15 +95,144 @@ class Trainer:
             Tensor.realize(*tensors)
             return stats
 
+    def first_bad_step(self) -> int:
+        """The first step of this process (1-based) whose loss was nan or inf, 0 if none; a sync: for log points."""
+        return int(self.first_bad.item())
 
-def write_pngs(trainer: Trainer, out: Path, test_x: np.ndarray, recon: np.ndarray, epoch: int, tag: str) -> None:
-    model = trainer.model
-    rng = np.random.default_rng(1234)                                   # the same prior draws every epoch
-    eps = [Tensor(rng.standard_normal((100, d)).astype(np.float32)) for d in model.cfg.latent_dims]
-    samples = model.generate_jit(eps).numpy()
-    save_png(image_grid(samples, 10, scale=2), out / "samples.png", f"{tag} prior samples, epoch {epoch}")
-    save_png(image_grid(over_each_other(test_x[:30], recon[:30], 10), 10, scale=2), out / "reconstructions.png",
-             f"{tag} test images (odd rows) and reconstructions, epoch {epoch}")
+
+def search_kernels(cfg: ModelConfig, batch_size: int, top: int) -> list:
+    """Kernel search on the `top` slowest kernels of this network's training step (kernels.search_slowest)."""
+    return search_slowest(lambda: Trainer(build_model(cfg), lr=1e-3), (batch_size, *cfg.image_shape), top,
+                          label=json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+class Run:
+    """A training run in progress: its Trainer and where it stands (step, epoch, batch, log and metrics are saved in
+    the checkpoint's metadata), with what the loop does besides stepping: log, save, stop, end an epoch."""
+    def __init__(self, trainer: Trainer, cfg: ModelConfig, args):
+        self.trainer, self.cfg, self.args, self.path = trainer, cfg, args, args.out / CHECKPOINT
+        self.step, self.epoch, self.batch = 0, 0, 0     # steps taken, epochs completed, batches of this epoch done
+        self.log, self.metrics = [], {}                 # (step, loss) at this epoch's log points; last epoch's metrics
+        self.first_step, self.saved_step = 0, None      # where this process started; the checkpoint's step on disk
+        self.tag = f"{cfg.model.upper()} {cfg.size} {cfg.latent_dims}"
+
+    def resume(self, state: dict, meta: dict) -> None:
+        """Load a checkpoint's weights, Adam state, RNG counter and running sums, and where the run stood."""
+        trainer = self.trainer
+        totals = trainer.totals if "train.totals" in state else None         # (absent from older checkpoints)
+        load_weights(trainer.model, state, self.path, trainer.opt, totals)
+        Tensor.realize(*checkpoint_tensors(trainer.model, trainer.opt, totals).values())  # buffers before a step
+        self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta.get("batch", 0)
+        self.log, self.metrics = meta.get("log", []), meta.get("metrics", {})
+        self.first_step = self.saved_step = self.step
+
+    def log_point(self, stats: Tensor, bar) -> None:
+        s = stats.numpy()                                               # the only sync in the training loop
+        self.check_finite()
+        self.log.append([self.step, float(s[0])])
+        bar.set_description(f"epoch {self.epoch + 1}/{self.args.epochs} step {self.step} loss {s[0]:.1f} recon "
+                            f"{s[1]:.1f} kl {' '.join(f'{k:.2f}' for k in s[2:])}")
+        if bar.disable:
+            print(bar.desc.rstrip(": "), file=sys.stderr, flush=True)
+
+    def check_finite(self) -> None:
+        """Stop if a loss since this process started was nan or inf, naming the first such step."""
+        bad = self.trainer.first_bad_step()
+        if bad:
+            last = f"{self.path} (step {self.saved_step})" if self.saved_step is not None else "none was written"
+            raise UserError(f"the loss became nan or inf at step {self.first_step + bad} (seen at step {self.step}); "
+                            f"training stopped without saving. The last good checkpoint is {last}: lower --lr and "
+                            f"--resume, or start again")
+
+    def save(self) -> None:
+        """Write the checkpoint (atomically), unless a loss was nan: never overwrite a good checkpoint with it."""
+        self.check_finite()
+        flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items() if k != "given"}
+        meta = {"config": self.cfg.to_dict(), "train": flags, "step": self.step, "epoch": self.epoch,
+                "batch": self.batch, "log": self.log, "metrics": self.metrics}
+        save_checkpoint(self.path, self.trainer.model, self.trainer.opt, meta, self.trainer.totals)
+        self.saved_step = self.step
+
+    def stopped(self, signum: int, steps_per_epoch: int) -> Stopped:
+        """After SIGINT or SIGTERM: save a checkpoint at the step reached; returns the exception that ends the run."""
+        name = signal.Signals(signum).name
+        if self.step == 0:
+            return Stopped(signum, f"stopped by {name} before the first step; nothing to save")
+        if self.step != self.saved_step:                # (else the signal came during an epoch-end save)
+            self.save()
+        return Stopped(signum, f"stopped by {name} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch} "
+                               f"of {steps_per_epoch}); saved {self.path}: continue with `python train.py --out "
+                               f"{self.args.out} --resume`")
+
+    def end_epoch(self, test_x: np.ndarray, steps_per_epoch: int, timed_steps: int, seconds: float) -> None:
+        """The epoch's metrics (training means, the test-set ELBO and its parts), then the checkpoint (what --resume
+        needs), then metrics.jsonl, samples.png (the same 100 prior draws every epoch) and reconstructions.png."""
+        self.epoch, self.batch, args, model = self.epoch + 1, 0, self.args, self.trainer.model
+        totals = self.trainer.totals.numpy() / steps_per_epoch
+        parts, recon = elbo_parts(model, test_x)
+        self.metrics = {"epoch": self.epoch, "step": self.step, "kl_weight": kl_weight(self.step, args.kl_warmup),
+                        "train_loss": float(totals[0]), "train_recon": float(totals[1]),
+                        "train_kl": [float(k) for k in totals[2:]], "test_elbo": float(parts[:, 0].mean()),
+                        "test_recon": float(parts[:, 1].mean()), "test_kl": [float(k) for k in parts[:, 2:].mean(0)],
+                        "train_loss_log": self.log, "epoch_seconds": round(seconds, 1),
+                        "images_per_second": round(timed_steps * args.batch_size / seconds, 1)}
+        self.log = []
+        self.save()
+        rng = np.random.default_rng(1234)
+        eps = [rng.standard_normal((100, d)).astype(np.float32) for d in self.cfg.latent_dims]
+        try:
+            with open(args.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(self.metrics) + "\n")
+            save_png(image_grid(generate_images(model, eps), 10, scale=2), args.out / "samples.png",
+                     f"{self.tag} prior samples, epoch {self.epoch}")
+            save_png(image_grid(over_each_other(test_x[:30], recon[:30], 10), 10, scale=2),
+                     args.out / "reconstructions.png",
+                     f"{self.tag} test images (odd rows) and reconstructions, epoch {self.epoch}")
+        except OSError as e:
+            raise UserError(f"could not write to {args.out} ({e.strerror}); free disk space and --resume, or choose "
+                            f"another --out. {self.path} holds epoch {self.epoch}") from None
+        save_programs()                                 # the evaluation and sampling kernels too
+        print(f"epoch {self.epoch}: test ELBO {self.metrics['test_elbo']:.2f} nats (recon "
+              f"{self.metrics['test_recon']:.2f}, KL per layer {' '.join(f'{k:.2f}' for k in self.metrics['test_kl'])})"
+              f", {self.metrics['images_per_second']:.0f} images/s; wrote {self.path}", file=sys.stderr)
+
+
+def train(args) -> dict:
+    """Train per args; returns the last epoch's metrics. Raises Stopped after SIGINT or SIGTERM."""
+    cfg, ds, state, meta = setup(args)
+    train_x = ds.train_x[:args.subset] if args.subset else ds.train_x
+    binarize = cfg.likelihood == "bernoulli"
+    test_x = binarized_test_set(ds.test_x) if binarize else as_float(ds.test_x)     # CelebA is kept as uint8
+    load_programs()                                             # kernels compiled by earlier runs
+    search_kernels(cfg, args.batch_size, args.kernel_search)    # once per network and device; not under NOOPT
+    Tensor.manual_seed(args.seed)                               # after the search, which draws random numbers
+    run = Run(Trainer(build_model(cfg), args.lr), cfg, args)
+    if args.resume:
+        run.resume(state, meta)
+    steps_per_epoch = len(train_x) // args.batch_size
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{run.tag}: size {cfg.size} ({'given' if 'size' in args.given else f'default on {Device.DEFAULT}'}), "
+          f"{n_params(run.trainer.model):,} parameters, {cfg.likelihood} likelihood, device {Device.DEFAULT}",
+          file=sys.stderr, flush=True)
+    with StopSignals() as stop:
+        while run.epoch < args.epochs:
+            t0, start = time.perf_counter(), run.batch
+            if start == 0:
+                run.trainer.totals.assign(Tensor.zeros_like(run.trainer.totals)).realize()
+            bar = tqdm(total=steps_per_epoch - start, desc=f"epoch {run.epoch + 1}/{args.epochs}", disable=None)
+            for xb, _ in batches(train_x, ds.train_y, args.batch_size, args.seed, run.epoch, start, binarize=binarize):
+                if stop.signum:
+                    break
+                run.step, run.batch = run.step + 1, run.batch + 1
+                stats = run.trainer.step(Tensor(xb), Tensor([kl_weight(run.step, args.kl_warmup)]))
+                if run.batch % args.log_every == 0 or run.batch == steps_per_epoch:
+                    run.log_point(stats, bar)
+                bar.update(1)
+            bar.update(close=True)
+            if stop.signum:
+                raise run.stopped(stop.signum, steps_per_epoch)
+            run.end_epoch(test_x, steps_per_epoch, steps_per_epoch - start, time.perf_counter() - t0)
+    return run.metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,97 +240,115 @@ def write_pngs(trainer: Trainer, out: Path, test_x: np.ndarray, recon: np.ndarra
 # ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with args.given: the names of those given on the command line (a resumed run takes the others
+    from its checkpoint)."""
     p = argparse.ArgumentParser(description="Train a Variational Ladder Autoencoder (Zhao, Song & Ermon 2017).")
-    p.add_argument("--dataset", default=None,
-                   help="mnist (default), fashion-mnist, svhn or celeba; see README, Datasets")
-    p.add_argument("--model", default=None, choices=sorted(MODELS), help="which model to train (default vlae)")
-    # training and model flags default to None: a fresh run fills in the defaults, a resumed one its checkpoint's
-    p.add_argument("--epochs", type=int, default=None, help="total epochs (default 3; a resumed run stops there)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 100, the authors' value)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4, the authors')")
-    p.add_argument("--latent-dims", default=None,
-                   help="code size per layer, bottom first (default: the authors' 2,2,2 for mnist and fashion-mnist, "
-                        "5,5,5,10 for svhn, 10,10,10,10 for celeba)")
+    p.add_argument("--dataset", default="mnist", help=f"{', '.join(DATASETS)} (default %(default)s; README, Datasets)")
+    p.add_argument("--model", default="vlae", choices=sorted(MODELS), help="the model to train (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs in all (default %(default)s; --resume ends there)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per step (default %(default)s, the authors')")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default %(default)s, the authors')")
+    p.add_argument("--latent-dims", default=None, help=f"code size per layer, bottom first (default: {LATENT_DIMS})")
     p.add_argument("--size", default=None, choices=sorted(SIZES),
                    help="network width: paper = the authors' network; default: paper on a GPU, medium on a CPU")
-    p.add_argument("--combiner", default=None, choices=["concat", "gated"],
-                   help="how v_l(z_l) joins z~_{l+1}: gated add (authors' code, default) or concat (Eq. 11)")
-    p.add_argument("--likelihood", default=None, choices=["gaussian", "bernoulli"],
-                   help="r(x|z): fixed-variance gaussian (the paper's, default) or bernoulli (binarized x)")
-    p.add_argument("--sigma-x", type=float, default=None,
-                   help="std of the gaussian likelihood (default 0.25, the authors')")
-    p.add_argument("--kl-warmup", type=int, default=None,
-                   help="KL weight 1 - exp(-step / N) as in the authors' code (default 15000); 0 turns warm-up off")
-    p.add_argument("--seed", type=int, default=None, help="seed for weights, data order and sampling noise (default 0)")
+    p.add_argument("--combiner", default=ModelConfig.combiner, choices=["concat", "gated"],
+                   help="how v_l(z_l) joins z~_{l+1}: gated add (authors' code), concat (Eq. 11) (default %(default)s)")
+    p.add_argument("--likelihood", default=ModelConfig.likelihood, choices=["gaussian", "bernoulli"],
+                   help="r(x|z): fixed-variance gaussian (the paper's) or bernoulli, binarized x (default %(default)s)")
+    p.add_argument("--sigma-x", type=float, default=ModelConfig.sigma_x,
+                   help="std of the gaussian likelihood (default %(default)s, the authors')")
+    p.add_argument("--kl-warmup", type=int, default=15000,
+                   help="KL weight 1 - exp(-step / N) as in the authors' code (default %(default)s); 0: no warm-up")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise (default %(default)s)")
     p.add_argument("--out", default=None, help="run folder (default out/<dataset>-<model>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint, with its flags unless given (--epochs, --lr, "
-                        "--kl-warmup and --log-every may change; the data order may not)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its flags unless given "
+                   "(--epochs, --lr, --kl-warmup, --log-every may change; the data order and the model may not)")
     p.add_argument("--data-dir", default=None, help="folder holding <dataset>/ (default $VLAE_DATA, then ./data)")
-    p.add_argument("--subset", type=int, default=None, help="train on the first N training images (default 0 = all)")
-    p.add_argument("--log-every", type=int, default=None,
-                   help="steps between progress-bar updates and loss-log entries (default 50; each is a sync)")
-    p.add_argument("--kernel-search", type=int, default=2, metavar="N",
-                   help="before training, run tinygrad's kernel search (BEAM) on the N slowest kernels of the step, "
-                        "once per network and device; the result is kept for later runs (default 2; 0: off)")
+    p.add_argument("--subset", type=int, default=0, help="train on the first N training images (default 0 = all)")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="steps between progress-bar updates and loss-log entries (default %(default)s; each syncs)")
+    p.add_argument("--kernel-search", type=int, default=2, metavar="N", help="tinygrad's kernel search (BEAM) on the "
+                   "N slowest kernels of the step, once per network and device (default %(default)s; 0: off)")
     args = p.parse_args(argv)
-    args.out = Path(args.out or f"out/{args.dataset or 'mnist'}-{args.model or 'vlae'}")
+    p.set_defaults(**{k: None for k in vars(args)})              # parsed again without defaults: what was given
+    args.given = {k for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    args.out = Path(args.out or f"out/{args.dataset}-{args.model}")
     return args
 
 
-def model_config(args, image_shape: tuple) -> ModelConfig:
-    """The ModelConfig the flags ask for; flags left unset take the defaults (the authors' code sizes per dataset)."""
+def latent_dims(text: str) -> tuple:
     try:
-        dims = tuple(int(d) for d in args.latent_dims.split(",")) if args.latent_dims else LATENT_DIMS[args.dataset]
+        dims = tuple(int(d) for d in text.split(","))
     except ValueError:
-        raise UserError(f"--latent-dims {args.latent_dims!r} is not a comma-separated list of integers, e.g. 2,2,2")
+        raise UserError(f"--latent-dims {text!r} is not a comma-separated list of integers, e.g. 2,2,2") from None
     if len(dims) < 2 or min(dims) < 1:
-        raise UserError(f"--latent-dims {args.latent_dims}: give at least 2 layers, each of size >= 1, e.g. 2,2,2")
+        raise UserError(f"--latent-dims {text}: give at least 2 layers, each of size >= 1, e.g. 2,2,2")
+    return dims
+
+
+def default_size() -> str:
+    """The authors' network on an accelerator; on a CPU (OpenCL on a CPU too), `medium`: the narrowest network with
+    which the recipe study (study.py) reproduces the paper's Fig. 5 in 2 of 3 seeds after 3 epochs."""
+    return "medium" if on_cpu(Device.DEFAULT) else "paper"
+
+
+def model_config(args, image_shape: tuple) -> ModelConfig:
+    """The ModelConfig the flags ask for (for --latent-dims and --size, the defaults depend on data and device)."""
+    dims = latent_dims(args.latent_dims) if args.latent_dims else LATENT_DIMS[args.dataset]
     if args.likelihood == "bernoulli" and image_shape[0] != 1:
         raise UserError(f"--likelihood bernoulli binarizes grey-scale digits; {args.dataset} is in colour: use the "
                         f"default gaussian likelihood")
-    return ModelConfig(model=args.model or "vlae", image_shape=image_shape, latent_dims=dims,
-                       size=args.size or default_size(), combiner=args.combiner or ModelConfig.combiner,
-                       likelihood=args.likelihood or "gaussian",
-                       sigma_x=args.sigma_x if args.sigma_x is not None else ModelConfig.sigma_x)
+    return ModelConfig(model=args.model, image_shape=image_shape, latent_dims=dims, size=args.size or default_size(),
+                       combiner=args.combiner, likelihood=args.likelihood, sigma_x=args.sigma_x)
 
 
 def check_args(args) -> None:
-    """Flags that are given must make sense (those left unset are filled in by training_flags)."""
-    def given(k): return getattr(args, k) is not None
-    if given("epochs") and args.epochs < 1: raise UserError(f"--epochs must be >= 1 (got {args.epochs})")
-    if given("batch_size") and args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if given("lr") and not args.lr > 0: raise UserError(f"--lr must be > 0 (got {args.lr})")
-    if given("sigma_x") and not args.sigma_x > 0: raise UserError(f"--sigma-x must be > 0 (got {args.sigma_x})")
-    if given("kl_warmup") and args.kl_warmup < 0: raise UserError(f"--kl-warmup must be >= 0 (got {args.kl_warmup})")
-    if given("subset") and args.subset < 0: raise UserError(f"--subset must be >= 0 (got {args.subset})")
-    if args.kernel_search < 0: raise UserError(f"--kernel-search must be >= 0 (got {args.kernel_search})")
-    if given("log_every") and args.log_every < 1: raise UserError(f"--log-every must be >= 1 (got {args.log_every})")
+    for k, lowest in {"epochs": 1, "batch_size": 1, "kl_warmup": 0, "subset": 0, "log_every": 1,
+                      "kernel_search": 0}.items():
+        if getattr(args, k) < lowest:
+            raise UserError(f"--{k.replace('_', '-')} must be >= {lowest} (got {getattr(args, k)})")
+    for k in ("lr", "sigma_x"):
+        if not getattr(args, k) > 0:
+            raise UserError(f"--{k.replace('_', '-')} must be > 0 (got {getattr(args, k)})")
 
 
-def training_flags(args, saved: dict | None) -> None:
-    """Fill the training flags left unset: from the checkpoint's when resuming (saved), else TRAIN_DEFAULTS.
-    A resumed run may not change the flags that fix the data order."""
+def resume_flags(args, meta: dict) -> None:
+    """A resumed run: the flags not given take the checkpoint's values; a given data-order or model flag must agree
+    with the checkpoint."""
+    saved, cfg = meta["train"], meta["config"]
     for k in DATA_ORDER:
-        if saved and k in saved and getattr(args, k) is not None and getattr(args, k) != saved[k]:
-            flag = "--" + k.replace("_", "-")
-            raise UserError(f"--resume: the checkpoint in {args.out} was trained with {flag} {saved[k]}, not "
-                            f"{getattr(args, k)}; drop that flag (a resumed run keeps its data order), or start a new "
-                            f"run with another --out")
-    for k, default in TRAIN_DEFAULTS.items():
-        if getattr(args, k) is None: setattr(args, k, (saved or {}).get(k, default))
+        if k in args.given and k in saved and getattr(args, k) != saved[k]:
+            raise UserError(f"--resume: the checkpoint in {args.out} was trained with --{k.replace('_', '-')} "
+                            f"{saved[k]}, not {getattr(args, k)}; drop that flag (a resumed run keeps its data order), "
+                            f"or start a new run with another --out")
+    for k in MODEL_FLAGS:
+        given = latent_dims(args.latent_dims) if k == "latent_dims" and args.latent_dims else getattr(args, k)
+        saved_value = getattr(ModelConfig(**cfg), k)
+        if k in args.given and given != saved_value:
+            raise UserError(f"--resume: the checkpoint in {args.out} was trained with {k}={saved_value}, not {given}; "
+                            f"drop that flag, or start a new run with another --out")
+    for k in RESUMED:
+        if k not in args.given and k in saved:
+            setattr(args, k, saved[k])
 
 
-def check_resume(args, saved: dict) -> None:
-    """A model flag given together with --resume must agree with the checkpoint's config."""
-    saved_cfg, cfg = ModelConfig(**saved), model_config(args, tuple(saved["image_shape"]))
-    given = {"latent_dims": args.latent_dims and cfg.latent_dims, "size": args.size, "combiner": args.combiner,
-             "likelihood": args.likelihood, "sigma_x": args.sigma_x, "model": args.model}
-    for k, v in given.items():
-        if v is not None and v != getattr(saved_cfg, k):
-            raise UserError(f"--resume: the checkpoint in {args.out} was trained with {k}={getattr(saved_cfg, k)}, "
-                            f"not {v}; drop that flag, or start a new run with another --out")
+def setup(args):
+    """Check the flags, read a resumed run's checkpoint and take its flags, load the data: (config, dataset,
+    checkpoint arrays, checkpoint metadata); the last two are None for a new run."""
+    path, state, meta = args.out / CHECKPOINT, None, None
+    if args.resume:
+        state, meta = read_checkpoint(path)
+        resume_flags(args, meta)
+    elif path.exists():
+        raise UserError(f"{path} already exists: pass --resume to continue that run, or --out NEW_FOLDER to start "
+                        f"another")
+    check_args(args)
+    ds = load_dataset(args.dataset, args.data_dir)
+    n_train = min(args.subset, len(ds.train_x)) if args.subset else len(ds.train_x)
+    if n_train < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
+    cfg = ModelConfig(**meta["config"]) if args.resume else model_config(args, ds.image_shape)
+    return cfg, ds, state, meta
 
 
 class StopSignals:
@@ -212,136 +360,13 @@ class StopSignals:
         return self
 
     def handle(self, signum, frame):
-        if self.signum: raise KeyboardInterrupt
+        if self.signum:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc):
-        for s, handler in self.previous.items(): signal.signal(s, handler)
-
-
-def search_kernels(cfg: ModelConfig, batch_size: int, top: int) -> list:
-    """Kernel search on the `top` slowest kernels of this network's training step at this batch size, unless done
-    before on this device, top is 0 or NOOPT is set (kernels.search_slowest decides); returns what was searched."""
-    x = Tensor(np.random.default_rng(0).random((batch_size, *cfg.image_shape), dtype=np.float32)).realize()
-    beta = Tensor([1.0]).realize()
-    t0 = time.perf_counter()
-    found = search_slowest(lambda: Trainer(build_model(cfg), lr=1e-3), x, beta, top=top,
-                           label=json.dumps(cfg.to_dict(), sort_keys=True))
-    if found:
-        print(f"searched the {len(found)} slowest kernels of the training step ({sum(ms for _, ms in found):.0f} ms "
-              f"of it before) in {time.perf_counter() - t0:.0f} s, kept for later runs (--kernel-search 0 skips "
-              f"this)", file=sys.stderr, flush=True)
-    return found
-
-
-def train(args) -> dict:
-    """Train per args; returns the last epoch's metrics. Raises Stopped after SIGINT or SIGTERM."""
-    check_args(args)
-    ckpt_path = args.out / CHECKPOINT
-    if args.resume: state, meta = read_checkpoint(ckpt_path)
-    elif ckpt_path.exists():
-        raise UserError(f"{ckpt_path} already exists: pass --resume to continue that run, or --out NEW_FOLDER "
-                        f"to start another")
-    training_flags(args, meta["train"] if args.resume else None)
-    if args.resume: check_resume(args, meta["config"])
-    ds = load_dataset(args.dataset, args.data_dir)
-    train_x = ds.train_x[:args.subset] if args.subset else ds.train_x
-    if len(train_x) < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)} images)")
-    cfg = ModelConfig(**meta["config"]) if args.resume else model_config(args, ds.image_shape)
-
-    load_programs()                                 # kernels compiled by earlier runs (kernels.load_programs)
-    search_kernels(cfg, args.batch_size, args.kernel_search)    # once per network and device; not under NOOPT
-    Tensor.manual_seed(args.seed)                   # after the search, which draws random numbers
-    model = build_model(cfg)
-    trainer = Trainer(model, args.lr)
-    # step: steps taken; epoch: epochs completed; batch: batches of the current epoch done (> 0 after a stop
-    # mid-epoch); log: (step, loss) at the log points of the current epoch
-    step, epoch, batch, log = 0, 0, 0, []
-    if args.resume:
-        totals = trainer.totals if "train.totals" in state else None      # (absent from older checkpoints)
-        load_weights(model, state, ckpt_path, trainer.opt, totals)
-        Tensor.realize(*checkpoint_tensors(model, trainer.opt, totals).values())  # buffers before the first step
-        step, epoch, batch, log = meta["step"], meta["epoch"], meta.get("batch", 0), meta.get("log", [])
-    first_step, saved_step = step, (step if args.resume else None)
-
-    def check_finite() -> None:
-        """Stop if a loss since this process started was nan or inf, naming the first such step."""
-        if bad := int(trainer.first_bad.item()):
-            last = f"{ckpt_path} (step {saved_step})" if saved_step is not None else "none was written"
-            raise UserError(f"the loss became nan or inf at step {first_step + bad} (seen at step {step}); training "
-                            f"stopped without saving. The last good checkpoint is {last}: lower --lr and --resume, "
-                            f"or start again")
-
-    def save(metrics: dict) -> None:
-        nonlocal saved_step
-        check_finite()                                                  # never overwrite a good checkpoint with nan
-        save_checkpoint(ckpt_path, model, trainer.opt, {"config": cfg.to_dict(), "train": train_meta, "step": step,
-                                                        "epoch": epoch, "batch": batch, "log": log,
-                                                        "metrics": metrics}, trainer.totals)
-        saved_step = step
-
-    tag = f"{cfg.model.upper()} {cfg.size} {cfg.latent_dims}"
-    chosen = "given" if args.size else f"default on {Device.DEFAULT}"
-    other = "paper" if cfg.size != "paper" else "medium"
-    args.out.mkdir(parents=True, exist_ok=True)
-    binarize = cfg.likelihood == "bernoulli"
-    test_x = binarized_test_set(ds.test_x) if binarize else as_float(ds.test_x)     # CelebA is kept as uint8
-    steps_per_epoch = len(train_x) // args.batch_size
-    train_meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    metrics = meta.get("metrics", {}) if args.resume else {}
-
-    with StopSignals() as stop:
-        print(f"{tag}: size {cfg.size} ({chosen}; --size {other} for the other), {n_params(model):,} parameters, "
-              f"{cfg.likelihood} likelihood, device {Device.DEFAULT}", file=sys.stderr, flush=True)
-        while epoch < args.epochs:
-            t0, start = time.perf_counter(), batch
-            if start == 0: trainer.totals.assign(Tensor.zeros_like(trainer.totals)).realize()
-            bar = tqdm(total=steps_per_epoch - start, desc=f"epoch {epoch + 1}/{args.epochs}", disable=None)
-            for xb, _ in batches(train_x, ds.train_y, args.batch_size, args.seed, epoch, start, binarize=binarize):
-                if stop.signum: break
-                step, batch = step + 1, batch + 1
-                stats = trainer.step(Tensor(xb), Tensor([kl_weight(step, args.kl_warmup)]))
-                if batch % args.log_every == 0 or batch == steps_per_epoch:
-                    s = stats.numpy()                                   # the only sync in the loop
-                    check_finite()
-                    log.append([step, float(s[0])])
-                    bar.set_description(f"epoch {epoch + 1}/{args.epochs} step {step} loss {s[0]:.1f} recon "
-                                        f"{s[1]:.1f} kl {' '.join(f'{k:.2f}' for k in s[2:])}")
-                    if bar.disable: print(bar.desc.rstrip(": "), file=sys.stderr, flush=True)
-                bar.update(1)
-            bar.update(close=True)
-            if stop.signum:
-                name = signal.Signals(stop.signum).name
-                if step == 0: raise Stopped(stop.signum, f"stopped by {name} before the first step; nothing to save")
-                if step != saved_step: save(metrics)        # (else the signal came during an epoch-end save)
-                raise Stopped(stop.signum, f"stopped by {name} at step {step} (epoch {epoch + 1}, batch {batch} of "
-                                           f"{steps_per_epoch}); saved {ckpt_path}: continue with `python train.py "
-                                           f"--out {args.out} --resume`")
-            epoch, batch = epoch + 1, 0
-            train_time = time.perf_counter() - t0
-            totals = trainer.totals.numpy() / steps_per_epoch
-            parts, recon = model.elbo_parts(test_x)
-            metrics = {"epoch": epoch, "step": step, "kl_weight": kl_weight(step, args.kl_warmup),
-                       "train_loss": float(totals[0]), "train_recon": float(totals[1]),
-                       "train_kl": [float(k) for k in totals[2:]],
-                       "test_elbo": float(parts[:, 0].mean()), "test_recon": float(parts[:, 1].mean()),
-                       "test_kl": [float(k) for k in parts[:, 2:].mean(0)], "train_loss_log": log,
-                       "epoch_seconds": round(train_time, 1),
-                       "images_per_second": round((steps_per_epoch - start) * args.batch_size / train_time, 1)}
-            log = []
-            save(metrics)                   # first the checkpoint: it is what --resume needs; then the extras
-            try:
-                with open(args.out / "metrics.jsonl", "a") as f: f.write(json.dumps(metrics) + "\n")
-                write_pngs(trainer, args.out, test_x, recon, epoch, tag)
-            except OSError as e:
-                raise UserError(f"could not write to {args.out} ({e.strerror}); free disk space and --resume, or "
-                                f"choose another --out. {ckpt_path} holds epoch {epoch}") from None
-            save_programs()                 # the evaluation and sampling kernels too
-            print(f"epoch {epoch}: test ELBO {metrics['test_elbo']:.2f} nats (recon {metrics['test_recon']:.2f}, "
-                  f"KL per layer {' '.join(f'{k:.2f}' for k in metrics['test_kl'])}), "
-                  f"{metrics['images_per_second']:.0f} images/s; wrote {ckpt_path}", file=sys.stderr)
-    return metrics
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv=None) -> int:

@@ -12,20 +12,17 @@ diagonal Gaussian, the two likelihoods r(x; .) and the shared image encoder/deco
     out = model.elbo(x)            # x: (B, 1, 28, 28) in [0, 1]; out.elbo: (B,) nats
 """
 from __future__ import annotations
-import math
+import math, statistics
 import numpy as np
 from dataclasses import dataclass, asdict, field
 from typing import NamedTuple
-from tinygrad import Tensor, nn, Device
+from tinygrad import Tensor, nn
 from tinygrad.nn.state import get_state_dict
-from kernels import batched, cached_jit, on_cpu
 
-# Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units
-# so that a 2-core CPU trains it in minutes; `medium` has the authors' convolutions and narrow's dense layers (in
-# study.py it keeps stroke thickness in the bottom layer, as `paper` does and `narrow` does not); `tiny` is for tests.
-# "channels" gives, per image
-# height, the stride-2 convolutions from the image to a small feature map: 28 -> 7x7 (MNIST, the authors' two
-# convolutions), 32 -> 4x4 (SVHN, their 64/128/256) and 64 -> 4x4 (CelebA, their 64..512); "hidden" is the dense width.
+# Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units;
+# `medium` has the authors' convolutions and narrow's dense layers (in study.py it keeps stroke thickness in the bottom
+# layer, as `paper` does and `narrow` does not); `tiny` is for tests. "channels", per image height: the stride-2
+# convolutions down to a small map, 28 -> 7x7 (MNIST), 32 -> 4x4 (SVHN), 64 -> 4x4 (CelebA); "hidden": dense width.
 SIZES = {
     "paper": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 1024},
     "medium": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 256},
@@ -33,12 +30,6 @@ SIZES = {
     "tiny": {"channels": {28: (4, 8), 32: (4, 8, 8), 64: (4, 8, 8, 8)}, "hidden": 32},
 }
 LOG_2PI = math.log(2 * math.pi)
-
-
-def default_size() -> str:
-    """The authors' network on an accelerator; on a CPU, `medium`: the narrowest network with which the recipe
-    study (study.py) reproduces the paper's Fig. 5 in 2 of 3 seeds after 3 epochs."""
-    return "medium" if on_cpu(Device.DEFAULT) else "paper"
 
 
 @dataclass
@@ -62,10 +53,11 @@ class ModelConfig:
                 raise ValueError(f"no {self.size} network for {self.image_shape[1]}-pixel images; "
                                  f"known heights: {sorted(by_height)} (or give channels)")
             self.channels = by_height[self.image_shape[1]]
-        if not self.hidden: self.hidden = SIZES[self.size]["hidden"]
+        self.hidden = self.hidden or SIZES[self.size]["hidden"]
         self.channels = tuple(self.channels)
 
-    def to_dict(self) -> dict: return asdict(self)
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,7 +76,8 @@ def dense(n_in: int, n_out: int, act=None) -> list:
 def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
     """n_blocks x (dense, BN, act) followed by a plain dense layer: the authors' g_l, f_L and u_l."""
     layers = []
-    for i in range(n_blocks): layers += dense(n_in if i == 0 else hidden, hidden, act)
+    for i in range(n_blocks):
+        layers += dense(n_in if i == 0 else hidden, hidden, act)
     return layers + dense(hidden, hidden)
 
 
@@ -151,7 +144,8 @@ def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
     c_in = c0
     for i, c in enumerate(outs):
         layers.append(ConvTranspose4x4s2(c_in, c))
-        if i < len(outs) - 1: layers += [nn.BatchNorm(c), relu]
+        if i < len(outs) - 1:
+            layers += [nn.BatchNorm(c), relu]
         c_in = c
     return layers
 
@@ -200,15 +194,17 @@ def log_likelihood(x: Tensor, logits: Tensor, cfg: ModelConfig) -> Tensor:
 
 def weights(model) -> dict[str, Tensor]:
     """The model's state (weights and BatchNorm statistics) by name: get_state_dict without private attributes, such
-    as the cached TinyJits (model._generate_jit, ...) and the buffers they captured."""
+    as the TinyJits kernels.jitted keeps on a model (model._generate_jit, ...) and the buffers they captured."""
     return {k: v for k, v in get_state_dict(model).items() if not any(part.startswith("_") for part in k.split("."))}
 
 
 def init_weights(model) -> None:
     """Weights ~ N(0, 0.02), biases 0, as in the authors' code; BatchNorm keeps scale 1, shift 0."""
     for name, t in weights(model).items():
-        if name.endswith(".weight") and t.ndim >= 2: t.replace(Tensor.normal(*t.shape, std=0.02))
-        elif name.endswith(".bias") and t.ndim == 1: t.replace(Tensor.zeros(*t.shape))
+        if name.endswith(".weight") and t.ndim >= 2:
+            t.replace(Tensor.normal(*t.shape, std=0.02))
+        elif name.endswith(".bias") and t.ndim == 1:
+            t.replace(Tensor.zeros(*t.shape))
 
 
 def n_params(model) -> int:
@@ -222,44 +218,34 @@ class ELBO(NamedTuple):
     kl: list            # per layer, bottom (z_1) first
 
 
+QUANTILES = (0.05, 0.95)     # a 2-D code is swept between these Gaussian quantiles (sample.py, evaluate.py)
+
+
+def normal_quantiles(n: int, lo: float = QUANTILES[0], hi: float = QUANTILES[1]) -> np.ndarray:
+    """The inverse standard-normal CDF at n evenly spaced probabilities from lo to hi: points of the prior N(0, 1)
+    with equal prior mass between neighbours, so a grid of them covers the prior as evenly as samples would."""
+    return np.array([statistics.NormalDist().inv_cdf(p) for p in np.linspace(lo, hi, n)], np.float32)
+
+
+def quantile_grid(n: int) -> np.ndarray:
+    """(n, n, 2) points of a 2-D code's prior (Fig. 5): point [r, c] = (q_c, q_r), so the first code unit grows left
+    to right, the second top to bottom."""
+    q = normal_quantiles(n)
+    return np.stack(np.meshgrid(q, q), axis=-1)
+
+
 class LatentModel:
-    """What both models share: jitted generation/encoding for sampling and evaluation (eval mode, so BatchNorm
-    uses its running statistics). Subclasses define cfg, encode(x), decode_logits(zs) and generate(eps)."""
+    """What both models share. Subclasses define cfg, encode(x), decode_logits(zs) and generate(eps); kernels.py runs
+    these jitted over numpy arrays (generate_images, reconstruct, elbo_parts)."""
     cfg: ModelConfig
 
     @property
-    def L(self) -> int: return len(self.cfg.latent_dims)
+    def L(self) -> int:
+        return len(self.cfg.latent_dims)
 
     def decode(self, zs: list[Tensor]) -> Tensor:
         """[z_1, ..., z_L] -> image mean of r(x | z) in [0, 1]; the decoder emits logits."""
         return self.decode_logits(zs).sigmoid()
-
-    def noise(self, n: int) -> list[Tensor]:
-        """eps_l ~ N(0, I), one (n, d_l) tensor per layer, bottom first."""
-        return [Tensor.randn(n, d) for d in self.cfg.latent_dims]
-
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        """n images (means of r(x|z), in [0, 1]) generated from the model's prior."""
-        return self.generate_jit([e * temperature for e in self.noise(n)])
-
-    def generate_jit(self, eps: list[Tensor]) -> Tensor:
-        jit = cached_jit(self, "generate", lambda e: self.generate(e).realize())
-        return jit([e.contiguous().realize() for e in eps])
-
-    def encode_jit(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-        jit = cached_jit(self, "encode", lambda x: [t.realize() for p in self.encode(x) for t in p])
-        flat = jit(x.contiguous().realize())
-        return [(flat[2 * i], flat[2 * i + 1]) for i in range(self.L)]
-
-    def elbo_parts(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-example ELBO parts (N, 2+L): elbo, recon, kl_1..kl_L, for every row of x (eval mode: BatchNorm uses
-        its running statistics), and the images decoded from the posterior means (N, C, H, W)."""
-        def parts(x: Tensor) -> tuple[Tensor, Tensor]:
-            out = self.elbo(x)
-            recon_mean = self.decode([mu for mu, _ in self.encode(x)])
-            return Tensor.stack(out.elbo, out.recon, *out.kl, dim=1).realize(), recon_mean.realize()
-        jit = cached_jit(self, "evaluate", parts)
-        return batched(lambda xb: jit(xb[0]), [x])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,7 +257,8 @@ class VLAE(LatentModel):
         self.cfg = cfg
         dims, D, ch, shape = cfg.latent_dims, cfg.hidden, cfg.channels, cfg.image_shape
         L, n_conv = len(dims), conv_features(shape, ch)
-        if L < 2: raise ValueError("a VLAE needs at least 2 latent layers")
+        if L < 2:
+            raise ValueError("a VLAE needs at least 2 latent layers")
 
         # Inference network, Eq. 12-13: h_l = g_l(h_{l-1}), z_l ~ N(mu_l(h_l), sigma_l(h_l)), h_0 = x.
         # Following the authors' code, g_1 is the identity: z_1 reads x through its own two convolutions.
@@ -300,7 +287,8 @@ class VLAE(LatentModel):
         return out
 
     def combine(self, i: int, z_tilde: Tensor, v: Tensor) -> Tensor:
-        if self.cfg.combiner == "concat": return z_tilde.cat(v, dim=1)   # Eq. 11: [z~_{l+1}; v_l(z_l)]
+        if self.cfg.combiner == "concat":
+            return z_tilde.cat(v, dim=1)                                  # Eq. 11: [z~_{l+1}; v_l(z_l)]
         return z_tilde + self.gate[i] * v                                 # authors' code: z~ + gate * v_l(z_l)
 
     def decode_logits(self, zs: list[Tensor]) -> Tensor:
