@@ -355,8 +355,8 @@ def test_fashion_mnist_download_md5_of_gz_and_errors(tmp_path, monkeypatch):
 
 
 def mat_file(variables: dict, compress: bool) -> bytes:
-    """A MATLAB v5 .mat file written from the format spec, independently of formats.read_mat: a 128-byte header, then per
-    variable an miMATRIX element (flags, dimensions, name, column-major data), zlib-compressed in an miCOMPRESSED
+    """A MATLAB v5 .mat file written from the format spec, independently of formats.read_mat: a 128-byte header, then
+    per variable an miMATRIX element (flags, dimensions, name, column-major data), zlib-compressed in an miCOMPRESSED
     element if asked. Names of <= 4 bytes use the small element format, as the spec has MATLAB write them. A variable
     given as (array, stored dtype) is stored in a smaller type than its class, which the spec allows (scipy's loadmat
     has its mat_dtype option for it): a double y of small integers stored as uint8."""
@@ -483,7 +483,8 @@ def test_celeba_loader_cache_and_split(tmp_path, monkeypatch):
 
     celeba_jpegs(tmp_path / "celeba/img_align_celeba", 1, start=13)           # a new file: decode all, new cache
     decoded = []
-    monkeypatch.setattr(formats, "decode_jpeg", lambda path, *a, f=formats.decode_jpeg: decoded.append(path) or f(path, *a))
+    decode = formats.decode_jpeg
+    monkeypatch.setattr(formats, "decode_jpeg", lambda path, *a: decoded.append(path) or decode(path, *a))
     grown = data.load_dataset("celeba", str(tmp_path))
     assert len(decoded) == 13 and len(grown.train_x) + len(grown.test_x) == 13
     assert [c.name for c in (tmp_path / "celeba").glob("*.npy")] != [caches[0].name]     # the old cache is gone
