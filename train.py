@@ -80,7 +80,7 @@ class Trainer:
         self.opt.zero_grad()
         out = self.model.elbo(x)
         kl = Tensor.stack(*out.kl, dim=1).mean(axis=0)              # (L,) mean KL per layer
-        loss = (beta * kl).sum() - out.recon.mean()                 # -ELBO, with the KL warm-up weight beta
+        loss = (beta * kl).sum() - out.recon.mean()                 # -ELBO (Eq. 14; Eq. 5), KL warmed up by beta
         loss.backward()
         stats = Tensor.cat(loss.reshape(1), out.recon.mean().reshape(1), kl)
         n = self.steps + 1
