@@ -153,8 +153,9 @@ def download(folder: Path, files, mirrors, how_to_fix: str) -> None:
 def load_idx_dataset(name: str, roots: list[Path], files: dict, mirrors, md5_of_gz: bool = False) -> Dataset:
     """MNIST-style data: files = {train images, train labels, test images, test labels: md5} in that order."""
     folder = find_folder(roots, name, files)
-    if missing(folder, files):
-        download(folder, [n + ".gz" for n in missing(folder, files)], mirrors,
+    absent = missing(folder, files)
+    if absent:
+        download(folder, [n + ".gz" for n in absent], mirrors,
                  f"copy the {name} idx files there, or point --data-dir / VLAE_DATA at a folder holding them")
     train_x, train_y, test_x, test_y = (parse_idx(read_verified(folder, n, md5, md5_of_gz), n)
                                         for n, md5 in files.items())

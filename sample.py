@@ -221,8 +221,10 @@ def check_model_args(args, model) -> list:
         raise UserError("--gibbs runs the chain of Proposition 1, which is about the stacked HVAE: pass the run "
                         "folder of one, e.g. --run out/mnist-hvae (train it with `python train.py --model hvae`)")
     L = model.L
-    if args.sweep_layer in (None, "all"):
-        return [args.sweep_layer] if args.sweep_layer else []
+    if args.sweep_layer is None:
+        return []
+    if args.sweep_layer == "all":
+        return ["all"]
     if not 1 <= int(args.sweep_layer) <= L:
         raise UserError(f"--sweep-layer {args.sweep_layer}: this model has layers 1 (bottom) to {L} (top); "
                         f"give one of them or 'all'")

@@ -11,7 +11,7 @@ Ctrl-C or SIGTERM finishes the current step, saves a checkpoint there and exits 
 with the same batches and ends with the same weights, bit for bit on a CPU, as a run that was never stopped.
 """
 from __future__ import annotations
-import argparse, json, math, signal, sys, time
+import argparse, dataclasses, json, math, signal, sys, time
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, Device, Context, dtypes, nn
@@ -200,7 +200,6 @@ class Run:
 def train(args) -> dict:
     """Train per args; returns the last epoch's metrics. Raises Stopped after SIGINT or SIGTERM."""
     cfg, ds, state, meta = setup(args)
-    train_x = ds.train_x[:args.subset] if args.subset else ds.train_x
     binarize = cfg.likelihood == "bernoulli"
     test_x = binarized_test_set(ds.test_x) if binarize else as_float(ds.test_x)     # CelebA is kept as uint8
     load_programs()                                             # kernels compiled by earlier runs
@@ -209,7 +208,7 @@ def train(args) -> dict:
     run = Run(Trainer(build_model(cfg), args.lr), cfg, args)
     if args.resume:
         run.resume(state, meta)
-    steps_per_epoch = len(train_x) // args.batch_size
+    steps_per_epoch = len(ds.train_x) // args.batch_size
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{run.tag}: size {cfg.size} ({'given' if 'size' in args.given else f'default on {Device.DEFAULT}'}), "
           f"{n_params(run.trainer.model):,} parameters, {cfg.likelihood} likelihood, device {Device.DEFAULT}",
@@ -220,7 +219,8 @@ def train(args) -> dict:
             if start == 0:
                 run.trainer.totals.assign(Tensor.zeros_like(run.trainer.totals)).realize()
             bar = tqdm(total=steps_per_epoch - start, desc=f"epoch {run.epoch + 1}/{args.epochs}", disable=None)
-            for xb, _ in batches(train_x, ds.train_y, args.batch_size, args.seed, run.epoch, start, binarize=binarize):
+            epoch_batches = batches(ds.train_x, ds.train_y, args.batch_size, args.seed, run.epoch, start, binarize)
+            for xb, _ in epoch_batches:
                 if stop.signum:
                     break
                 run.step, run.batch = run.step + 1, run.batch + 1
@@ -333,8 +333,8 @@ def resume_flags(args, meta: dict) -> None:
 
 
 def setup(args):
-    """Check the flags, read a resumed run's checkpoint and take its flags, load the data: (config, dataset,
-    checkpoint arrays, checkpoint metadata); the last two are None for a new run."""
+    """Check the flags, read a resumed run's checkpoint and take its flags, load the data (its training set cut to
+    --subset): (config, dataset, checkpoint arrays, checkpoint metadata); the last two are None for a new run."""
     path, state, meta = args.out / CHECKPOINT, None, None
     if args.resume:
         state, meta = read_checkpoint(path)
@@ -344,9 +344,10 @@ def setup(args):
                         f"another")
     check_args(args)
     ds = load_dataset(args.dataset, args.data_dir)
-    n_train = min(args.subset, len(ds.train_x)) if args.subset else len(ds.train_x)
-    if n_train < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({n_train} images)")
+    if args.subset:
+        ds = dataclasses.replace(ds, train_x=ds.train_x[:args.subset], train_y=ds.train_y[:args.subset])
+    if len(ds.train_x) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(ds.train_x)} images)")
     cfg = ModelConfig(**meta["config"]) if args.resume else model_config(args, ds.image_shape)
     return cfg, ds, state, meta
 
