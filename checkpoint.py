@@ -1,12 +1,13 @@
 """A run folder's checkpoint: one safetensors file holding the model's weights, and for a training run Adam's state,
 tinygrad's RNG counter and the epoch's running sums, with the config, step and log as JSON metadata; written
 atomically. sample.py, evaluate.py and study.py read checkpoints through this file without importing the trainer.
+StopSignals makes Ctrl-C and SIGTERM stop training between two steps, where the checkpoint saved is consistent.
 
     from checkpoint import load_model
     model, meta = load_model(Path("out/mnist-vlae"))     # the config in meta["config"] rebuilds the model
 """
 from __future__ import annotations
-import json, os
+import json, os, signal
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, Device
@@ -21,6 +22,38 @@ class UserError(Exception):
     """A mistake in flags, files or run folders; main() prints its one-line message and exits with code 2."""
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Stopping a run where a checkpoint can be saved
+# ---------------------------------------------------------------------------------------------------------
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped training between two steps; main() prints the message and exits with 128 + signal."""
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+class StopSignals:
+    """While active, Ctrl-C (SIGINT) and SIGTERM only set .signum: the training loop checks it between steps, so a
+    step is never cut in half and the checkpoint saved after it is consistent. A second signal stops at once."""
+    def __enter__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
 
 def build_model(cfg: ModelConfig):
     return MODELS[cfg.model](cfg)

@@ -1,5 +1,6 @@
 """Datasets for the VLAE: MNIST, Fashion-MNIST, SVHN and CelebA: found, checked by md5 where md5s are published,
-downloaded where they can be, split and batched. The file formats themselves are read by formats.py.
+downloaded where they can be, split and batched. files.py does the work on files (finding, md5 checks,
+downloads) and reads their formats.
 
     from data import load_dataset, batches
     ds = load_dataset("mnist")                 # finds, checks (and if needed downloads) the idx files
@@ -16,11 +17,12 @@ Each is a root folder holding one sub-folder per dataset (<root>/mnist/train-ima
 a folder that holds the files directly works too.
 """
 from __future__ import annotations
-import gzip, hashlib, os, sys, urllib.request
+import os
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from formats import FIX_BAD_FILE, DataError, decoded_jpegs, parse_idx, read_mat
+from files import (FIX_BAD_FILE, DataError, check_md5, decoded_jpegs, download, find_folder, missing, parse_idx,
+                   read_mat, read_verified)
 
 # md5 of the *decompressed* files (the .gz bytes differ between mirrors; the content does not).
 MNIST_FILES = {
@@ -80,72 +82,6 @@ def as_float(x: np.ndarray) -> np.ndarray:
 def data_roots(data_dir: str | None = None) -> list[Path]:
     """Where to look, in order: --data-dir, $VLAE_DATA, ./data."""
     return [Path(p) for p in (data_dir, os.environ.get("VLAE_DATA"), "data") if p]
-
-
-def find_folder(roots: list[Path], name: str, files) -> Path:
-    """The first of <root>/<name> or <root> (for each root in order) that holds all the files, gzipped or not.
-    If none does, <first root>/<name>: the folder to download into."""
-    for root in roots:
-        for folder in (root / name, root):
-            if not missing(folder, files):
-                return folder
-    return roots[0] / name
-
-
-def missing(folder: Path, files) -> list[str]:
-    """The files that are in folder neither as they are nor gzipped."""
-    return [f for f in files if not ((folder / f).exists() or (folder / (f + ".gz")).exists())]
-
-
-def check_md5(path: Path, data: bytes, md5: str, of: str = "") -> None:
-    got = hashlib.md5(data).hexdigest()
-    if got != md5:
-        raise DataError(f"{path} is corrupt: md5{of} is {got}, expected {md5}: {FIX_BAD_FILE}")
-
-
-def read_verified(folder: Path, name: str, md5: str, md5_of_gz: bool = False) -> bytes:
-    """The decompressed bytes of <name> or <name>.gz in folder, checked against md5: the md5 of the decompressed bytes,
-    or with md5_of_gz that of the .gz file (then an uncompressed <name> goes unchecked: there is no md5 to check)."""
-    paths = (folder / name, folder / (name + ".gz"))
-    for path in reversed(paths) if md5_of_gz else paths:
-        if not path.exists():
-            continue
-        try:
-            raw = path.read_bytes()
-            data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{path} is truncated or not valid gzip ({e}): {FIX_BAD_FILE}") from None
-        if not md5_of_gz:
-            check_md5(path, data, md5, " of its decompressed bytes")
-        elif data is not raw:
-            check_md5(path, raw, md5, " of the .gz file")
-        return data
-    raise DataError(f"{folder / name}[.gz] not found")
-
-
-def download(folder: Path, files, mirrors, how_to_fix: str) -> None:
-    """Fetch each file from the first mirror that answers, with a progress line; how_to_fix ends the error when
-    none does. (Not tinygrad.helpers.fetch: it refuses file:// mirrors, which the tests use, with an AssertionError.)"""
-    folder.mkdir(parents=True, exist_ok=True)
-    for file in files:
-        errors = []
-        for base in mirrors:
-            url, tmp = base + file, folder / (file + ".part")
-            try:
-                def progress(blocks, block_size, total, url=url):
-                    done = blocks * block_size
-                    pct = f"{100 * done / total:5.1f}%" if total > 0 else f"{done >> 10} KiB"
-                    print(f"\rdownloading {url} {pct}", end="", file=sys.stderr, flush=True)
-                urllib.request.urlretrieve(url, tmp, reporthook=progress)
-                print(file=sys.stderr)
-                os.replace(tmp, folder / file)
-                break
-            except OSError as e:
-                tmp.unlink(missing_ok=True)
-                errors.append(f"{url}: {e}")
-        else:
-            raise DataError(f"{file} is not in {folder} and could not be downloaded ({'; '.join(errors)}): "
-                            f"{how_to_fix}")
 
 
 # --------------------------------------------------------------------------------------------- MNIST, Fashion-MNIST
@@ -279,10 +215,6 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int
             xb = (np.random.default_rng([seed, epoch, i]).random(xb.shape, dtype=np.float32) < xb).astype(np.float32)
         yield xb, y[idx]
 
-
-# ---------------------------------------------------------------------------------------------------------
-# The test set for a Bernoulli likelihood
-# ---------------------------------------------------------------------------------------------------------
 
 def binarized_test_set(x: np.ndarray) -> np.ndarray:
     """A fixed binarization of the test set (seed 0), so that Bernoulli test ELBOs compare across runs."""

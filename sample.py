@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Tensor
 from data import DataError, as_float, binarized_test_set, load_dataset
-from formats import image_grid, over_each_other, save_png, side_by_side
+from files import image_grid, over_each_other, save_png, side_by_side
 from vlae import QUANTILES, normal_quantiles, quantile_grid
 from checkpoint import UserError, load_model
 from kernels import generate_images, load_programs, reconstruct, save_programs
-
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from tinygrad.nn.state import get_state_dict
 import checkpoint
 import data
 import evaluate
-import formats
+import files
 import kernels
 import sample
 import train
@@ -42,7 +42,7 @@ def tiny(**kw) -> VLAE:
 def mnist_folder() -> Path:
     """The MNIST folder the data loader finds ($VLAE_DATA, ./data); skip the test if there is none."""
     roots = data.data_roots()
-    folder = data.find_folder(roots, "mnist", data.MNIST_FILES)
+    folder = files.find_folder(roots, "mnist", data.MNIST_FILES)
     if not all((folder / (f + ".gz")).exists() or (folder / f).exists() for f in data.MNIST_FILES):
         if os.environ.get("VLAE_DATA"): pytest.fail(f"VLAE_DATA={os.environ['VLAE_DATA']} holds no MNIST files")
         pytest.skip("no MNIST copy found (set VLAE_DATA)")
@@ -304,9 +304,9 @@ def test_corrupt_file_gives_clear_error(mnist_copy):
 
 def test_wrong_magic_gives_clear_error():
     with pytest.raises(data.DataError, match="bad magic .*: replace it"):
-        formats.parse_idx(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00", "x")
+        files.parse_idx(b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00", "x")
     with pytest.raises(data.DataError, match="truncated inside its header"):
-        formats.parse_idx(b"\x00\x00\x08\x03\x00\x00\x00\x01", "x")
+        files.parse_idx(b"\x00\x00\x08\x03\x00\x00\x00\x01", "x")
 
 
 def test_missing_files_without_network_give_clear_error(tmp_path):
@@ -355,7 +355,7 @@ def test_fashion_mnist_download_md5_of_gz_and_errors(tmp_path, monkeypatch):
 
 
 def mat_file(variables: dict, compress: bool) -> bytes:
-    """A MATLAB v5 .mat file written from the format spec, independently of formats.read_mat: a 128-byte header, then
+    """A MATLAB v5 .mat file written from the format spec, independently of files.read_mat: a 128-byte header, then
     per variable an miMATRIX element (flags, dimensions, name, column-major data), zlib-compressed in an miCOMPRESSED
     element if asked. Names of <= 4 bytes use the small element format, as the spec has MATLAB write them. A variable
     given as (array, stored dtype) is stored in a smaller type than its class, which the spec allows (scipy's loadmat
@@ -387,7 +387,7 @@ def svhn_like(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("compress", [False, True])
 def test_read_mat_matches_the_writer(compress):
     X, y = svhn_like(4, 0)
-    arrays = formats.read_mat(mat_file({"X": X, "y": (y, np.uint8), "y2": y}, compress), "t.mat")
+    arrays = files.read_mat(mat_file({"X": X, "y": (y, np.uint8), "y2": y}, compress), "t.mat")
     assert sorted(arrays) == ["X", "y", "y2"] and arrays["X"].dtype == np.uint8 and arrays["y"].dtype == np.float64
     for name, want in (("X", X), ("y", y), ("y2", y)):
         assert arrays[name].shape == want.shape
@@ -425,13 +425,13 @@ def test_svhn_errors_are_clear(svhn_root, monkeypatch, tmp_path):
     train = root / "svhn/train_32x32.mat"
     raw = train.read_bytes()
     with pytest.raises(data.DataError, match="is truncated or not a valid .mat file"):
-        formats.read_mat(raw[:len(raw) - 100], train)
+        files.read_mat(raw[:len(raw) - 100], train)
     with pytest.raises(data.DataError, match="is truncated or not a valid .mat file"):               # zlib stream cut
-        formats.read_mat(mat_file({"X": X}, compress=True)[:-20], train)
+        files.read_mat(mat_file({"X": X}, compress=True)[:-20], train)
     with pytest.raises(data.DataError, match="is not a MATLAB v5 .mat file"):
-        formats.read_mat(b"\x00" * 200, train)
+        files.read_mat(b"\x00" * 200, train)
     with pytest.raises(data.DataError, match="MATLAB 7.3 .* re-save it with -v7"):
-        formats.read_mat(b"MATLAB 7.3 MAT-file" + bytes(600), train)
+        files.read_mat(b"MATLAB 7.3 MAT-file" + bytes(600), train)
     train.write_bytes(raw[:-100])                                                    # the md5 check comes first
     with pytest.raises(data.DataError, match=r"train_32x32.mat is corrupt: md5 is \w+, expected .*: delete it"):
         data.load_dataset("svhn", str(root))
@@ -475,7 +475,7 @@ def test_celeba_loader_cache_and_split(tmp_path, monkeypatch):
 
     def no_decoding(path, crop, size): raise AssertionError(f"{path} decoded again")
     with monkeypatch.context() as m:
-        m.setattr(formats, "decode_jpeg", no_decoding)
+        m.setattr(files, "decode_jpeg", no_decoding)
         t0 = time.perf_counter()
         again = data.load_dataset("celeba", str(tmp_path))
         assert time.perf_counter() - t0 < max(0.5, first)
@@ -483,8 +483,8 @@ def test_celeba_loader_cache_and_split(tmp_path, monkeypatch):
 
     celeba_jpegs(tmp_path / "celeba/img_align_celeba", 1, start=13)           # a new file: decode all, new cache
     decoded = []
-    decode = formats.decode_jpeg
-    monkeypatch.setattr(formats, "decode_jpeg", lambda path, *a: decoded.append(path) or decode(path, *a))
+    decode = files.decode_jpeg
+    monkeypatch.setattr(files, "decode_jpeg", lambda path, *a: decoded.append(path) or decode(path, *a))
     grown = data.load_dataset("celeba", str(tmp_path))
     assert len(decoded) == 13 and len(grown.train_x) + len(grown.test_x) == 13
     assert [c.name for c in (tmp_path / "celeba").glob("*.npy")] != [caches[0].name]     # the old cache is gone
@@ -510,7 +510,7 @@ def test_celeba_partition_file_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CELEBA_PARTITION_MD5", hashlib.md5(partition.read_bytes()).hexdigest())
     ds = data.load_dataset("celeba", str(tmp_path))                          # partitions 0 and 1 train, 2 tests
     assert len(ds.train_x) == 3 and len(ds.test_x) == 1
-    np.testing.assert_array_equal(ds.test_x[0], formats.decode_jpeg(folder / "img_align_celeba/000002.jpg", 108, 64))
+    np.testing.assert_array_equal(ds.test_x[0], files.decode_jpeg(folder / "img_align_celeba/000002.jpg", 108, 64))
     (folder / "img_align_celeba/000005.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     partition.unlink()
     with pytest.raises(data.DataError, match="000005.jpg is not a readable image .*: delete it"):
@@ -891,9 +891,9 @@ def test_pngs_match_the_grid_and_the_seed(run, tmp_path, capsys):
     sweep = common + ["--sweep-layer", "3", "--panels", str(panels), "--prior"]
     assert sample.main(sweep) == 0                                       # the default output folder is the run folder
     assert capsys.readouterr().out.split() == [str(run / "sweep-layer3.png"), str(run / "prior.png")]
-    header, label, side = 14, formats.LABEL_H, panel_size(n)
+    header, label, side = 14, files.LABEL_H, panel_size(n)
     with Image.open(run / "sweep-layer3.png") as im:
-        assert im.size == (panels * side + (panels - 1) * formats.PANEL_GAP, header + label + side)
+        assert im.size == (panels * side + (panels - 1) * files.PANEL_GAP, header + label + side)
         layer3 = np.asarray(im)
     with Image.open(run / "prior.png") as im:
         assert im.size == (side, header + side)
@@ -901,7 +901,7 @@ def test_pngs_match_the_grid_and_the_seed(run, tmp_path, capsys):
     # every layer side by side; its layer-3 panel is the first panel of sweep-layer3.png (same seed and draws)
     assert sample.main(common + ["--sweep-layer", "all", "--out", str(tmp_path)]) == 0
     with Image.open(tmp_path / "sweep-all.png") as im:
-        assert im.size == (3 * side + 2 * formats.PANEL_GAP, header + label + side)
+        assert im.size == (3 * side + 2 * files.PANEL_GAP, header + label + side)
         np.testing.assert_array_equal(np.asarray(im)[header + label:, -side:], layer3[header + label:, :side])
 
     # the same seed gives the same bytes (that another seed gives other noise is tested on layer_sweep above)

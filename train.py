@@ -17,11 +17,11 @@ import numpy as np
 from tinygrad import Tensor, TinyJit, Device, Context, dtypes, nn
 from tinygrad.helpers import tqdm
 from data import DATASETS, DataError, as_float, batches, binarized_test_set, load_dataset
-from formats import image_grid, over_each_other, save_png
+from files import image_grid, over_each_other, save_png
 from vlae import ModelConfig, SIZES, n_params, weights
 from kernels import elbo_parts, generate_images, load_programs, on_cpu, save_programs, search_slowest
-from checkpoint import (CHECKPOINT, MODELS, UserError, build_model, checkpoint_tensors, load_weights, optimizer_state,
-                        read_checkpoint, save_checkpoint)
+from checkpoint import (CHECKPOINT, MODELS, StopSignals, Stopped, UserError, build_model, checkpoint_tensors,
+                        load_weights, optimizer_state, read_checkpoint, save_checkpoint)
 
 # The authors' code sizes per dataset (../shared/DESIGN.md): 3 layers of 2 on MNIST, 4 layers on SVHN and CelebA
 LATENT_DIMS = {"mnist": (2, 2, 2), "fashion-mnist": (2, 2, 2), "svhn": (5, 5, 5, 10), "celeba": (10, 10, 10, 10)}
@@ -30,13 +30,6 @@ LATENT_DIMS = {"mnist": (2, 2, 2), "fashion-mnist": (2, 2, 2), "svhn": (5, 5, 5,
 RESUMED = ("dataset", "epochs", "batch_size", "lr", "kl_warmup", "seed", "subset", "log_every")
 DATA_ORDER = ("dataset", "batch_size", "seed", "subset")
 MODEL_FLAGS = ("model", "latent_dims", "size", "combiner", "likelihood", "sigma_x")
-
-
-class Stopped(Exception):
-    """SIGINT or SIGTERM stopped training between two steps; main() prints the message and exits with 128 + signal."""
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.code = 128 + signum
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,10 +88,6 @@ class Trainer:
             Tensor.realize(*tensors)
             return stats
 
-    def first_bad_step(self) -> int:
-        """The first step of this process (1-based) whose loss was nan or inf, 0 if none; a sync: for log points."""
-        return int(self.first_bad.item())
-
 
 def search_kernels(cfg: ModelConfig, batch_size: int, top: int) -> list:
     """Kernel search on the `top` slowest kernels of this network's training step (kernels.search_slowest)."""
@@ -137,7 +126,7 @@ class Run:
 
     def check_finite(self) -> None:
         """Stop if a loss since this process started was nan or inf, naming the first such step."""
-        bad = self.trainer.first_bad_step()
+        bad = int(self.trainer.first_bad.item())         # 1-based; 0 if none. A sync: at log points only
         if bad:
             last = f"{self.path} (step {self.saved_step})" if self.saved_step is not None else "none was written"
             raise UserError(f"the loss became nan or inf at step {self.first_step + bad} (seen at step {self.step}); "
@@ -350,24 +339,6 @@ def setup(args):
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(ds.train_x)} images)")
     cfg = ModelConfig(**meta["config"]) if args.resume else model_config(args, ds.image_shape)
     return cfg, ds, state, meta
-
-
-class StopSignals:
-    """While active, Ctrl-C (SIGINT) and SIGTERM only set .signum: the training loop checks it between steps, so a
-    step is never cut in half and the checkpoint saved after it is consistent. A second signal stops at once."""
-    def __enter__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def main(argv=None) -> int:

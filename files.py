@@ -1,12 +1,13 @@
-"""File formats this project reads and writes itself, with numpy and Pillow: MNIST's idx files, MATLAB v5 .mat files
-(SVHN's), folders of JPEGs decoded once into a cached array (CelebA's), and PNG pictures of image grids with a
-caption (every figure, every samples.png). data.py turns the files into datasets; train.py and sample.py draw.
+"""The files this project reads and writes itself, with numpy and Pillow: found (gzipped or not), checked against
+their md5 and downloaded from mirrors; MNIST's idx files, MATLAB v5 .mat files (SVHN's), folders of JPEGs decoded once
+into a cached array (CelebA's), and PNG pictures of image grids with a caption (every figure, every samples.png).
+data.py says which files make each dataset and turns them into arrays; train.py and sample.py draw.
 
-    from formats import image_grid, save_png
+    from files import image_grid, save_png
     save_png(image_grid(images, nrow=10), "grid.png", "a caption")      # images: (N, C, H, W) in [0, 1]
 """
 from __future__ import annotations
-import hashlib, os, struct, sys, zlib
+import gzip, hashlib, os, struct, sys, urllib.request, zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -18,6 +19,74 @@ PANEL_GAP = 12               # pixels between panels
 
 class DataError(Exception):
     """A problem with the user's data files; its message is one line saying what is wrong and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------- finding, checking, downloading
+
+def find_folder(roots: list[Path], name: str, files) -> Path:
+    """The first of <root>/<name> or <root> (for each root in order) that holds all the files, gzipped or not.
+    If none does, <first root>/<name>: the folder to download into."""
+    for root in roots:
+        for folder in (root / name, root):
+            if not missing(folder, files):
+                return folder
+    return roots[0] / name
+
+
+def missing(folder: Path, files) -> list[str]:
+    """The files that are in folder neither as they are nor gzipped."""
+    return [f for f in files if not ((folder / f).exists() or (folder / (f + ".gz")).exists())]
+
+
+def check_md5(path: Path, data: bytes, md5: str, of: str = "") -> None:
+    got = hashlib.md5(data).hexdigest()
+    if got != md5:
+        raise DataError(f"{path} is corrupt: md5{of} is {got}, expected {md5}: {FIX_BAD_FILE}")
+
+
+def read_verified(folder: Path, name: str, md5: str, md5_of_gz: bool = False) -> bytes:
+    """The decompressed bytes of <name> or <name>.gz in folder, checked against md5: the md5 of the decompressed bytes,
+    or with md5_of_gz that of the .gz file (then an uncompressed <name> goes unchecked: there is no md5 to check)."""
+    paths = (folder / name, folder / (name + ".gz"))
+    for path in reversed(paths) if md5_of_gz else paths:
+        if not path.exists():
+            continue
+        try:
+            raw = path.read_bytes()
+            data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path} is truncated or not valid gzip ({e}): {FIX_BAD_FILE}") from None
+        if not md5_of_gz:
+            check_md5(path, data, md5, " of its decompressed bytes")
+        elif data is not raw:
+            check_md5(path, raw, md5, " of the .gz file")
+        return data
+    raise DataError(f"{folder / name}[.gz] not found")
+
+
+def download(folder: Path, files, mirrors, how_to_fix: str) -> None:
+    """Fetch each file from the first mirror that answers, with a progress line; how_to_fix ends the error when
+    none does. (Not tinygrad.helpers.fetch: it refuses file:// mirrors, which the tests use, with an AssertionError.)"""
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        errors = []
+        for base in mirrors:
+            url, tmp = base + file, folder / (file + ".part")
+            try:
+                def progress(blocks, block_size, total, url=url):
+                    done = blocks * block_size
+                    pct = f"{100 * done / total:5.1f}%" if total > 0 else f"{done >> 10} KiB"
+                    print(f"\rdownloading {url} {pct}", end="", file=sys.stderr, flush=True)
+                urllib.request.urlretrieve(url, tmp, reporthook=progress)
+                print(file=sys.stderr)
+                os.replace(tmp, folder / file)
+                break
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                errors.append(f"{url}: {e}")
+        else:
+            raise DataError(f"{file} is not in {folder} and could not be downloaded ({'; '.join(errors)}): "
+                            f"{how_to_fix}")
 
 
 # --------------------------------------------------------------------------------------------- idx (MNIST)
