@@ -13,11 +13,11 @@ from pathlib import Path
 # pocl (OpenCL on the CPU) prints "1 warning generated." for each kernel tinygrad compiles; -w silences its compiler
 os.environ.setdefault("POCL_EXTRA_BUILD_FLAGS", "-w")
 import numpy as np
-import tinygrad.codegen
+import tinygrad.codegen, tinygrad.schedule
 from tinygrad import Context, Device, Tensor, TinyJit
 from tinygrad.codegen import do_to_program, to_program_key
 from tinygrad.engine.realize import ExecContext, pm_exec
-from tinygrad.helpers import CACHEDB, CACHELEVEL, NOOPT
+from tinygrad.helpers import CACHEDB, CACHELEVEL, NOOPT, ContextVar
 from tinygrad.uop.ops import Ops, UOp
 
 
@@ -112,46 +112,61 @@ def program_cache_path() -> Path | None:
     return Path(CACHEDB).parent / f"vlae-programs-tinygrad-{importlib.metadata.version('tinygrad')}.pkl"
 
 
-_saved = {"programs": 0, "searched": set()}     # what the file held when this process last read or wrote it
+_saved = {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {}}   # what the file held when read
+
+
+def settings() -> str:
+    """The tinygrad settings given in the environment (BEAM, NOOPT, ...): schedules are kept per settings."""
+    return json.dumps(sorted((k, v) for k, v in os.environ.items() if k in ContextVar._cache))
 
 
 def load_programs() -> None:
-    """Fill tinygrad's in-memory kernel cache from program_cache_path(). tinygrad turns each kernel of a graph into
-    source code and compiles it; its CACHEDB keeps only the compiler's output, so a new process still spends tens of
-    seconds re-deriving the ~300 distinct kernels of a training step (the first steps of the narrow / medium VLAE on
-    DEV=CPU took 43.5 / 29.8 s without this cache, 10.7 / 14.8 s with it: bench/results/warmup-program-cache-*.json).
-    The programs themselves are kept here,
-    keyed as tinygrad keys them (the kernel's AST, the device's renderer and the settings that change code), so a
-    cached program is only ever used for the kernel it was made from. An unreadable file is ignored (and replaced)."""
+    """Fill tinygrad's in-memory caches of compiled kernels and of schedules from program_cache_path().
+    tinygrad turns each kernel of a graph into source code and compiles it; its CACHEDB keeps only the compiler's
+    output, so a new process still spends tens of seconds re-deriving the ~300 distinct kernels of a training step
+    (the first steps of the narrow / medium VLAE on DEV=CPU took 43.5 / 29.8 s without this cache, 10.7 / 14.8 s with
+    it: bench/results/warmup-program-cache-*.json). The programs are kept here, keyed as tinygrad keys them (the
+    kernel's AST, the device's renderer and the settings that change code), so a cached program is only ever used for
+    the kernel it was made from. Before that, tinygrad splits the step's graph into kernels (its schedule), most of
+    what is left of the warm-up; it keeps the schedule of each graph in memory (schedule_cache, keyed by the graph's
+    structure), and here on disk too, per settings (README, Performance). An unreadable file is ignored (and
+    replaced)."""
     if (path := program_cache_path()) is None or not path.exists():
         return
     try:
         with open(path, "rb") as f:
             saved = pickle.load(f)
         if "programs" not in saved:
-            saved = {"programs": saved, "searched": []}        # the format before search
-        programs, searched = saved["programs"], set(saved["searched"])
+            saved = {"programs": saved}                         # the format before search and schedules
+        programs, searched = saved["programs"], set(saved.get("searched", []))
+        schedules = saved.get("schedules", {})
     except Exception as e:
         print(f"note: ignoring the unreadable kernel cache {path} ({type(e).__name__}); it is rebuilt", file=sys.stderr)
         return
-    tinygrad.codegen.to_program_cache.update(programs)
-    _saved["programs"], _saved["searched"] = len(tinygrad.codegen.to_program_cache), _saved["searched"] | searched
+    program_cache, schedule_cache = tinygrad.codegen.to_program_cache, tinygrad.schedule.schedule_cache
+    program_cache.update(programs)
+    schedule_cache.update(schedules.pop(settings(), {}))
+    _saved["programs"], _saved["schedules"] = len(program_cache), len(schedule_cache)
+    _saved["searched"], _saved["other_settings"] = _saved["searched"] | searched, schedules
 
 
 def save_programs() -> None:
-    """Write tinygrad's kernel cache to program_cache_path() if it grew or a search replaced kernels (atomically; a
-    failure only costs speed)."""
-    programs = dict(tinygrad.codegen.to_program_cache)
+    """Write tinygrad's kernel and schedule caches to program_cache_path() if they grew or a search replaced kernels
+    (atomically; a failure only costs speed)."""
+    programs, schedules = dict(tinygrad.codegen.to_program_cache), dict(tinygrad.schedule.schedule_cache)
     path, searched = program_cache_path(), set(_saved["searched"])
-    if path is None or (len(programs) <= _saved["programs"] and not _saved.get("dirty")):
+    grew = len(programs) > _saved["programs"] or len(schedules) > _saved["schedules"]
+    if path is None or not (grew or _saved.get("dirty")):
         return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            pickle.dump({"programs": programs, "searched": sorted(searched)}, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump({"programs": programs, "searched": sorted(searched),
+                         "schedules": {**_saved["other_settings"], settings(): schedules}}, f,
+                        protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
-        _saved["programs"], _saved["dirty"] = len(programs), False
+        _saved["programs"], _saved["schedules"], _saved["dirty"] = len(programs), len(schedules), False
     except (OSError, pickle.PicklingError):
         tmp.unlink(missing_ok=True)
 

@@ -126,20 +126,39 @@ def test_matmul_convolutions_equal_tinygrads():
 
 
 def test_program_cache_round_trip(tmp_path, monkeypatch, capsys):
-    """Compiled kernels saved by one run are used by the next (tinygrad does not lower them again), an unreadable
-    cache file is ignored with a note, and VLAE_PROGRAM_CACHE=0 turns the cache off."""
-    import tinygrad.codegen
+    """Compiled kernels saved by one run are used by the next (tinygrad does not lower them again), and so are
+    schedules, under the same settings only; an unreadable cache file is ignored with a note, and VLAE_PROGRAM_CACHE=0
+    turns the cache off."""
+    import tinygrad.codegen, tinygrad.schedule
     monkeypatch.setattr(kernels, "CACHEDB", str(tmp_path / "cache.db"))
     monkeypatch.setattr(tinygrad.codegen, "to_program_cache", {})
-    monkeypatch.setattr(kernels, "_saved", {"programs": 0, "searched": set()})
+    schedules = tinygrad.schedule.schedule_cache        # (emptied in place: tinygrad's rewrite rules hold this dict)
+    kept = dict(schedules)
+    schedules.clear()
+    try:
+        program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules)
+    finally:
+        schedules.update(kept)
+
+
+def program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules):
+    import tinygrad.codegen, tinygrad.schedule
+    monkeypatch.setattr(kernels, "_saved", {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {}})
     x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
     np.testing.assert_allclose((x * 3 + 1).sum(axis=1).numpy(), [22, 70, 118])
     kernels.save_programs()
     path = kernels.program_cache_path()
     assert path.parent == tmp_path and path.exists() and len(tinygrad.codegen.to_program_cache) > 0
+    saved = set(schedules)
+    assert len(saved) > 0
     tinygrad.codegen.to_program_cache.clear()
+    schedules.clear()
+    monkeypatch.setenv("BEAM", "3")                                     # other settings: their own schedules
     kernels.load_programs()
-    assert len(tinygrad.codegen.to_program_cache) > 0
+    assert len(tinygrad.codegen.to_program_cache) > 0 and len(schedules) == 0
+    monkeypatch.delenv("BEAM")
+    kernels.load_programs()
+    assert set(schedules) == saved                                       # (keyed by the graph's structure)
     def no_lowering(*args): raise AssertionError("a cached kernel was lowered again")
     monkeypatch.setattr(tinygrad.codegen, "do_to_program", no_lowering)
     y = Tensor(np.ones((3, 4), dtype=np.float32))
@@ -732,11 +751,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     mnist_folder()
     out = tmp_path / "run"
     argv = ["--size", "tiny", "--subset", "1000", "--batch-size", "50", "--out", str(out)]
+    # without our kernel and schedule cache the first step takes tens of seconds: the signal comes during it
+    env = {**os.environ, "VLAE_PROGRAM_CACHE": "0"}
     proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=Path(__file__).parent, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     try:
         assert "parameters" in proc.stderr.readline()        # the header: the handlers are in place
-        time.sleep(2)                                       # well into the first step, which takes tens of seconds
+        time.sleep(2)                                       # well into the first step
         proc.send_signal(signal.SIGTERM)
         err = proc.stderr.read().strip().splitlines()
         assert proc.wait(timeout=300) == 143
