@@ -21,7 +21,7 @@ class DataError(Exception):
     """A problem with the user's data files; its message is one line saying what is wrong and how to fix it."""
 
 
-# --------------------------------------------------------------------------------------------- finding, checking, downloading
+# ------------------------------------------------------------------------------- finding, checking, downloading
 
 def find_folder(roots: list[Path], name: str, files) -> Path:
     """The first of <root>/<name> or <root> (for each root in order) that holds all the files, gzipped or not.
