@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from tinygrad import Tensor, Context, nn
 from tinygrad.nn.state import get_state_dict
+from tinygrad.uop.ops import Ops
 import checkpoint
 import data
 import evaluate
@@ -108,16 +109,18 @@ def test_elbo_parts_add_up():
     np.testing.assert_allclose(elbo, recon - kl.sum(0), rtol=1e-5, atol=1e-3)
 
 
-def test_matmul_convolutions_equal_tinygrads():
+def test_matmul_layers_equal_tinygrads():
     """Conv4x4s2 and ConvTranspose4x4s2 (im2col / matmul + overlap-add) give tinygrad's Conv2d and ConvTranspose2d
-    outputs and gradients, with the same weights."""
+    outputs and gradients, with the same weights; so does kernels.Linear (kernels.matmul_nt's own backward pass)
+    nn.Linear's, on an input that is a transposed view."""
     rng = np.random.default_rng(0)
-    cases = ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), (2, 3, 8, 6), (4, 3)),
-             (vlae.ConvTranspose4x4s2(3, 5), nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), (2, 3, 4, 3), (8, 6)))
-    for ours, ref, shape, out_hw in cases:
+    normal = lambda *shape: Tensor(rng.standard_normal(shape, dtype=np.float32))
+    cases = ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 8, 6), normal(2, 5, 4, 3)),
+             (vlae.ConvTranspose4x4s2(3, 5), nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 4, 3),
+              normal(2, 5, 8, 6)),
+             (kernels.Linear(6, 4), nn.Linear(6, 4), normal(6, 7).T, normal(7, 4)))
+    for ours, ref, x, up in cases:
         ref.weight, ref.bias = ours.weight, ours.bias
-        x = Tensor(rng.standard_normal(shape, dtype=np.float32))
-        up = Tensor(rng.standard_normal((2, 5, *out_hw), dtype=np.float32))
         results = []
         for layer in (ours, ref):
             y = layer(x)
@@ -163,6 +166,9 @@ def program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules):
     monkeypatch.setattr(tinygrad.codegen, "do_to_program", no_lowering)
     y = Tensor(np.ones((3, 4), dtype=np.float32))
     np.testing.assert_allclose((y * 3 + 1).sum(axis=1).numpy(), [16, 16, 16])     # same kernels, new data
+    # a graph through kernels.matmul_nt (a custom gradient) has the same text in every process: no address in it
+    call = next(u for u in kernels.matmul_nt(x, y).uop.toposort() if u.op is Ops.FUNCTION).arg
+    assert "matmul_nt" in repr(call) and str(id(kernels._matmul_nt_grad)) not in repr(call)
     path.write_bytes(b"not a pickle")
     kernels.load_programs()
     assert "ignoring the unreadable kernel cache" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from dataclasses import dataclass, asdict, field
 from typing import NamedTuple
 from tinygrad import Tensor, nn
 from tinygrad.nn.state import get_state_dict
+from kernels import Linear, matmul_nt
 
 # Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units;
 # `medium` has the authors' convolutions and narrow's dense layers (in study.py it keeps stroke thickness in the bottom
@@ -70,7 +71,7 @@ def relu(x: Tensor) -> Tensor: return x.relu()
 
 def dense(n_in: int, n_out: int, act=None) -> list:
     """Linear -> BatchNorm -> activation, the unit every MLP in the authors' networks is made of."""
-    return [nn.Linear(n_in, n_out), nn.BatchNorm(n_out), act] if act else [nn.Linear(n_in, n_out)]
+    return [Linear(n_in, n_out), nn.BatchNorm(n_out), act] if act else [Linear(n_in, n_out)]
 
 
 def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
@@ -95,9 +96,8 @@ class Conv4x4s2(nn.Conv2d):
         # output (i, j) reads cells i + q, j + t (q, t in {0, 1}), i.e. kernel row 2q + r and column 2t + s
         windows = Tensor.stack(*[cells[:, :, q:q + h, :, t:t + w, :] for q in (0, 1) for t in (0, 1)], dim=-1)
         windows = windows.reshape(B, C, h, 2, w, 2, 2, 2).permute(0, 2, 4, 1, 6, 3, 7, 5)   # (B, i, j, c, q, r, t, s)
-        # contiguous_backward: dy @ weight is written as a plain matrix before the scatter back (README, Performance)
-        patches = windows.reshape(B * h * w, C * 16).contiguous().contiguous_backward()
-        y = patches @ self.weight.reshape(-1, C * 16).T + self.bias                       # weight[o, c, 2q+r, 2t+s]
+        patches = windows.reshape(B * h * w, C * 16)
+        y = matmul_nt(patches, self.weight.reshape(-1, C * 16)) + self.bias                # weight[o, c, 2q+r, 2t+s]
         return y.reshape(B, h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -111,7 +111,7 @@ class ConvTranspose4x4s2(nn.ConvTranspose2d):
         B, C, H, W = x.shape
         # every input pixel (i, j) spreads a 4x4 patch:
         # patch[b, i, j, o, q, r, t, s] = sum_c x[b, c, i, j] * weight[c, o, 2q + r, 2t + s]
-        patch = x.permute(0, 2, 3, 1).reshape(B * H * W, C) @ self.weight.reshape(C, -1)
+        patch = matmul_nt(x.permute(0, 2, 3, 1).reshape(B * H * W, C), self.weight.reshape(C, -1).T)
         patch = patch.reshape(B, H, W, -1, 2, 2, 2, 2)
         # ... onto rows 2(i + q) + r and columns 2(j + t) + s of the (2H + 2, 2W + 2) output before cropping: the
         # q = 1 (t = 1) quarter lands one 2x2 cell further down (right), so the overlap-add is 4 shifted sums
@@ -154,7 +154,7 @@ def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
 class GaussianHead:
     """h -> (mu, sigma) of a diagonal Gaussian. sigma = sigmoid(.) + 0.001 as in the authors' code."""
     def __init__(self, n_in: int, n_out: int):
-        self.mu, self.sigma = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
+        self.mu, self.sigma = Linear(n_in, n_out), Linear(n_in, n_out)
 
     def __call__(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return self.mu(h), self.sigma(h).sigmoid() + 0.001
