@@ -40,11 +40,21 @@ def _matmul_nt_grad(g: UOp, call: UOp) -> tuple[UOp, UOp]:
 
 
 @function(grad_fxn=_matmul_nt_grad)
-def matmul_nt(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b.T, (M, K) x (N, K) -> (M, N), with the backward pass of _matmul_nt_grad (the same gradients up to float
-    rounding). Every
-    matrix product of the models (nn.Linear, the convolutions' im2col products) goes through it."""
+def _matmul_nt(a: Tensor, b: Tensor) -> Tensor:
     return a.contiguous() @ b.contiguous().T
+
+
+MATMUL_NT_MIN = 2 ** 26     # multiply-adds
+
+
+def matmul_nt(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T, (M, K) x (N, K) -> (M, N). Every matrix product of the models (Linear, the convolutions' im2col
+    products) goes through it. From MATMUL_NT_MIN multiply-adds on, with the backward pass of _matmul_nt_grad (the
+    same gradients up to float rounding); below, autograd's, because there the copies cost more than they save: all
+    of the narrow network's products are below (its step took 16-20 % longer with them: README, Performance)."""
+    if a.shape[0] * a.shape[1] * b.shape[0] < MATMUL_NT_MIN:
+        return a @ b.T
+    return _matmul_nt(a, b)
 
 
 _call_repr = CallInfo.__repr__

@@ -109,10 +109,12 @@ def test_elbo_parts_add_up():
     np.testing.assert_allclose(elbo, recon - kl.sum(0), rtol=1e-5, atol=1e-3)
 
 
-def test_matmul_layers_equal_tinygrads():
+@pytest.mark.parametrize("min_macs", [0, None])
+def test_matmul_layers_equal_tinygrads(min_macs, monkeypatch):
     """Conv4x4s2 and ConvTranspose4x4s2 (im2col / matmul + overlap-add) give tinygrad's Conv2d and ConvTranspose2d
-    outputs and gradients, with the same weights; so does kernels.Linear (kernels.matmul_nt's own backward pass)
-    nn.Linear's, on an input that is a transposed view."""
+    outputs and gradients, with the same weights; so does kernels.Linear nn.Linear's, on an input that is a transposed
+    view. With min_macs=0 every product takes kernels.matmul_nt's own backward pass, else (these sizes) autograd's."""
+    if min_macs is not None: monkeypatch.setattr(kernels, "MATMUL_NT_MIN", min_macs)
     rng = np.random.default_rng(0)
     normal = lambda *shape: Tensor(rng.standard_normal(shape, dtype=np.float32))
     cases = ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 8, 6), normal(2, 5, 4, 3)),
@@ -167,7 +169,7 @@ def program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules):
     y = Tensor(np.ones((3, 4), dtype=np.float32))
     np.testing.assert_allclose((y * 3 + 1).sum(axis=1).numpy(), [16, 16, 16])     # same kernels, new data
     # a graph through kernels.matmul_nt (a custom gradient) has the same text in every process: no address in it
-    call = next(u for u in kernels.matmul_nt(x, y).uop.toposort() if u.op is Ops.FUNCTION).arg
+    call = next(u for u in kernels._matmul_nt(x, y).uop.toposort() if u.op is Ops.FUNCTION).arg
     assert "matmul_nt" in repr(call) and str(id(kernels._matmul_nt_grad)) not in repr(call)
     path.write_bytes(b"not a pickle")
     kernels.load_programs()

@@ -96,7 +96,7 @@ class Conv4x4s2(nn.Conv2d):
         # output (i, j) reads cells i + q, j + t (q, t in {0, 1}), i.e. kernel row 2q + r and column 2t + s
         windows = Tensor.stack(*[cells[:, :, q:q + h, :, t:t + w, :] for q in (0, 1) for t in (0, 1)], dim=-1)
         windows = windows.reshape(B, C, h, 2, w, 2, 2, 2).permute(0, 2, 4, 1, 6, 3, 7, 5)   # (B, i, j, c, q, r, t, s)
-        patches = windows.reshape(B * h * w, C * 16)
+        patches = windows.reshape(B * h * w, C * 16).contiguous().contiguous_backward()   # dy @ W: a plain matrix
         y = matmul_nt(patches, self.weight.reshape(-1, C * 16)) + self.bias                # weight[o, c, 2q+r, 2t+s]
         return y.reshape(B, h, w, -1).permute(0, 3, 1, 2)
 
