@@ -1,6 +1,7 @@
-"""tinygrad machinery, not the paper: the models run jitted over numpy arrays at one batch size, compiled kernels
-kept between runs, kernel search on the slowest kernels of a training step, per-kernel timing, and which device is a
-CPU. Nothing here changes what is computed, only how it runs and how fast.
+"""tinygrad machinery, not the paper: the models' matrix products (matmul_nt, Linear), the models run jitted over
+numpy arrays at one batch size, compiled kernels kept between runs, kernel search on the slowest kernels of a
+training step, per-kernel timing, and which device is a CPU. Nothing here changes what is computed (up to float
+rounding), only how it runs and how fast.
 
     from kernels import generate_images, load_programs
     load_programs()                                          # kernels compiled by earlier runs
