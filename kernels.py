@@ -27,6 +27,10 @@ from tinygrad.uop.ops import CallInfo, Ops, UOp
 # Matrix products with a backward pass written for tinygrad's kernels
 # ---------------------------------------------------------------------------------------------------------
 
+def grad_a_nt(g: Tensor, b: Tensor) -> Tensor: return g @ b.T.contiguous().T                # da = g @ b
+def grad_b_nt(g: Tensor, a: Tensor) -> Tensor: return g.T.contiguous() @ a.T.contiguous().T  # db = g.T @ a
+
+
 def _matmul_nt_grad(g: UOp, call: UOp) -> tuple[UOp, UOp]:
     """The gradients of y = a @ b.T given g = dL/dy: da = g @ b and db = g.T @ a, each written as a product whose
     two operands run along the summed axis in memory (x @ y.T, y contiguous), from transposed copies. Autograd's own
@@ -35,9 +39,7 @@ def _matmul_nt_grad(g: UOp, call: UOp) -> tuple[UOp, UOp]:
     cost far less. g and da are written out first, so that what produces g (a BatchNorm's backward, an
     overlap-add's gather) is not recomputed inside the product, and two products are not fused into one kernel."""
     a, b, g = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(g).contiguous()
-    da = (g @ b.T.contiguous().T).contiguous()
-    db = g.T.contiguous() @ a.T.contiguous().T
-    return da.uop, db.uop
+    return grad_a_nt(g, b).contiguous().uop, grad_b_nt(g, a).uop
 
 
 @function(grad_fxn=_matmul_nt_grad)

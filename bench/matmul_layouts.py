@@ -11,20 +11,24 @@ after 3 to compile and capture.
 """
 from __future__ import annotations
 import argparse, sys, time
+from pathlib import Path
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels import grad_a_nt, grad_b_nt
 
 # (M, K, N) of the paper network's products at batch 100: a 1024-unit dense layer; the second convolution's im2col
 # product (100 x 7 x 7 positions, 64 channels x 4 x 4 window, 128 filters); the dense layer on its 6272 features
 SHAPES = "100x1024x1024,4900x1024x128,100x6272x1024"
 
 
-def products(x: Tensor, w: Tensor, dy: Tensor) -> dict:
+def products(x, w, dy) -> dict:
+    """The five products, on tinygrad Tensors or torch tensors (kernels' formulas use only what both have)."""
     return {"y = x @ w.T": lambda: x @ w.T,
             "dx = dy @ w (autograd)": lambda: dy @ w,
-            "dx = dy @ w (matmul_nt: copy of w.T)": lambda: dy @ w.T.contiguous().T,
+            "dx = dy @ w (matmul_nt: copy of w.T)": lambda: grad_a_nt(dy, w),
             "dw = dy.T @ x (autograd)": lambda: dy.T @ x,
-            "dw = dy.T @ x (matmul_nt: copies of dy.T, x.T)": lambda: dy.T.contiguous() @ x.T.contiguous().T}
+            "dw = dy.T @ x (matmul_nt: copies of dy.T, x.T)": lambda: grad_b_nt(dy, x)}
 
 
 def seconds(fn, reps: int, sync) -> float:
@@ -40,7 +44,8 @@ def seconds(fn, reps: int, sync) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=SHAPES, help="comma-separated MxKxN (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is shown (default: %(default)s)")
     p.add_argument("--torch", action="store_true", help="also time each product in PyTorch (needs torch)")
@@ -52,7 +57,8 @@ def main(argv=None) -> int:
         p.error(f"--shapes takes sizes like 100x1024x1024 (M x K x N), comma-separated; got {args.shapes!r}")
     if args.torch:
         import torch
-    print(f"| M x K x N | product | tinygrad {Device.DEFAULT}: ms | GFLOP/s |" + (" PyTorch: ms | GFLOP/s |" if args.torch else ""))
+    torch_cols = " PyTorch: ms | GFLOP/s |" if args.torch else ""
+    print(f"| M x K x N | product | tinygrad {Device.DEFAULT}: ms | GFLOP/s |{torch_cols}")
     print("|---|---|---|---|" + ("---|---|" if args.torch else ""))
     rng = np.random.default_rng(0)
     for M, K, N in shapes:
