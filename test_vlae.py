@@ -147,7 +147,7 @@ def test_program_cache_round_trip(tmp_path, monkeypatch, capsys):
 
 
 def program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules):
-    import tinygrad.codegen, tinygrad.schedule
+    import tinygrad.codegen
     monkeypatch.setattr(kernels, "_saved", {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {}})
     x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
     np.testing.assert_allclose((x * 3 + 1).sum(axis=1).numpy(), [22, 70, 118])
