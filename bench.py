@@ -54,7 +54,7 @@ def use_tinygrad_conv() -> None:
 def trainer_for(size: str, model_name: str, batch: int, kernel_search: int):
     """What train.py sets up before its first step: the kernels kept by earlier runs, the kernel search (if not done
     before for this network), a seeded model and its Trainer; with a fixed random batch. Returns (trainer, x, beta,
-    seconds the search took)."""
+    seconds the search took, what it found: kernels.search_slowest)."""
     from tinygrad import Tensor
     from train import Trainer, search_kernels
     from checkpoint import build_model
@@ -63,12 +63,12 @@ def trainer_for(size: str, model_name: str, batch: int, kernel_search: int):
     load_programs()
     cfg = ModelConfig(model=model_name, size=size)
     t0 = time.perf_counter()
-    search_kernels(cfg, batch, kernel_search)
+    searched = search_kernels(cfg, batch, kernel_search)
     search_s = time.perf_counter() - t0
     Tensor.manual_seed(0)
     trainer = Trainer(build_model(cfg), lr=1e-3)
     x = Tensor(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32)).realize()
-    return trainer, x, Tensor([1.0]).realize(), search_s
+    return trainer, x, Tensor([1.0]).realize(), search_s, searched
 
 
 def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kernel_search: int) -> dict:
@@ -76,7 +76,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     from tinygrad import Tensor, Device, GlobalCounters
     from vlae import n_params
     from kernels import generate_jit
-    trainer, x, beta, search_s = trainer_for(size, model_name, batch, kernel_search)
+    trainer, x, beta, search_s, searched = trainer_for(size, model_name, batch, kernel_search)
     model, rng = trainer.model, np.random.default_rng(1)
     step = lambda: trainer.step(x, beta)
 
@@ -97,7 +97,9 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     med = float(np.median(per_step))
     return {"size": size, "model": model_name, "framework": "tinygrad", "device": Device.DEFAULT,
             "device_name": device_name(Device.DEFAULT), "batch": batch, "params": n_params(model),
-            "warmup_s": round(warmup, 1), "search_s": round(search_s, 1), "ms_per_step": round(1e3 * med, 1),
+            "warmup_s": round(warmup, 1), "search_s": round(search_s, 1),
+            "searched": [{"kernel": k, "ms_before": round(a, 2), "ms_after": round(b, 2), "kept": kept}
+                         for k, a, b, kept in searched], "ms_per_step": round(1e3 * med, 1),
             "ms_per_step_min": round(1e3 * min(per_step), 1), "ms_per_step_max": round(1e3 * max(per_step), 1),
             "images_per_s": round(batch / med, 1), "gflops": round(flops / med / 1e9, 1),
             "gflop_per_step": round(flops / 1e9, 2), "kernels_per_step": kernels,
@@ -122,7 +124,7 @@ def profile_step(size: str, model_name: str, batch: int, reps: int, top: int, ke
     from tinygrad import Device
     from tinygrad.engine.realize import estimate_uop, get_call_arg_uops, get_call_outs_ins
     from kernels import kernel_times, plain
-    trainer, x, beta, _ = trainer_for(size, model_name, batch, kernel_search)
+    trainer, x, beta, _, _ = trainer_for(size, model_name, batch, kernel_search)
     step = lambda: trainer.step(x, beta)
     for _ in range(3): step().numpy()
     step_s = min(timed(step, 5) for _ in range(reps))
@@ -181,7 +183,7 @@ def bench_config(size: str, model: str, args, variant: str = "") -> dict:
         cold = child(common + ["--steps", "1", "--reps", "1"] + extra_argv, env)
         warm = child(common + extra_argv, env)
     warm["warmup_cold_s"], warm["warmup_cached_s"] = cold["warmup_s"], warm.pop("warmup_s")
-    warm["search_s"] = cold["search_s"]                    # the second process finds the search done
+    warm["search_s"], warm["searched"] = cold["search_s"], cold["searched"]    # the second finds the search done
     warm["variant"] = variant
     return warm
 
@@ -329,6 +331,12 @@ def speed_main(sizes: list[str], models: list[str], args) -> int:
     print(f"{time.strftime('%Y-%m-%d')}, {rows[0]['device_name']}, batch {args.batch}, "
           f"median of {args.reps} x {args.steps} steps")
     print(table(rows))
+    for r in rows:
+        if r.get("searched"):                              # kernels.search_slowest's report, per step
+            print(f"\nkernel search, {r['size']} {r['model']} {r['variant']}: " + "; ".join(
+                f"`{k['kernel']}` {k['ms_before']:.1f} -> {k['ms_after']:.1f} ms "
+                f"({'kept' if k['kept'] else 'not kept'})"
+                for k in r["searched"]))
     if args.json: Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 

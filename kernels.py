@@ -19,7 +19,7 @@ from tinygrad import Context, Device, Tensor, TinyJit, nn
 from tinygrad.function import function
 from tinygrad.codegen import do_to_program, to_program_key
 from tinygrad.engine.realize import ExecContext, pm_exec
-from tinygrad.helpers import CACHEDB, CACHELEVEL, NOOPT, ContextVar
+from tinygrad.helpers import CACHEDB, CACHELEVEL, NOOPT, TRAINING, ContextVar
 from tinygrad.uop.ops import CallInfo, Ops, UOp
 
 
@@ -76,6 +76,37 @@ class Linear(nn.Linear):
     """nn.Linear (same weights, same names) computed through matmul_nt."""
     def __call__(self, x: Tensor) -> Tensor:
         return matmul_nt(x, self.weight) + self.bias
+
+
+class BatchNorm(nn.BatchNorm):
+    """nn.BatchNorm (same state, same names, the same function up to float rounding) whose sums over the batch and
+    the image run in two stages, per image and then over the batch, in training. tinygrad makes a per-channel sum
+    over (batch, height, width) one kernel with one work item per channel, which also recomputes what produced x
+    (a transposed convolution's overlap-add, a ReLU's backward); the paper network's step had nine such kernels over
+    64 x 19600 values, 52 ms (README, Performance). The per-image sums have B x C outputs to spread over the cores.
+    In the backward pass too: scale and shift reach the images through a (B, C, 1, 1) tensor whose gradient is
+    written out (contiguous_backward), so their gradients are summed per image first."""
+    def calc_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.ndim != 4 or not (TRAINING or not self.track_running_stats):
+            return super().calc_stats(x)
+        mean = x.mean(axis=(2, 3)).contiguous().mean(axis=0)
+        y = x - mean.detach().reshape(1, -1, 1, 1)                     # d(var)/d(mean) = 0, as nn.BatchNorm's
+        return mean, (y * y).mean(axis=(2, 3)).contiguous().mean(axis=0)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or not TRAINING:
+            return super().__call__(x)
+        mean, var = self.calc_stats(x)
+        if self.track_running_stats:                                  # as nn.BatchNorm
+            self.running_mean.assign((1 - self.momentum) * self.running_mean + self.momentum * mean.detach())
+            n = x.numel() / (x.numel() - x.shape[1])
+            self.running_var.assign((1 - self.momentum) * self.running_var + self.momentum * n * var.detach())
+            self.num_batches_tracked += 1
+        scale = var.add(self.eps).rsqrt() * (self.weight if self.weight is not None else 1)
+        shift = (self.bias if self.bias is not None else 0) - mean * scale
+        def per_image(t: Tensor) -> Tensor:
+            return t.reshape(1, -1, 1, 1).expand(x.shape[0], -1, 1, 1).contiguous_backward()
+        return x * per_image(scale) + per_image(shift)                # (x - mean) / sqrt(var + eps) * weight + bias
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,29 +283,58 @@ def kernel_times(jit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> lis
     return list(zip(best, calls))
 
 
+def step_program_times(make_trainer, x: Tensor, beta: Tensor) -> dict[int, list]:
+    """{id(program): [seconds per step, calls per step, program]} for the kernels of a fresh trainer's training step
+    (make_trainer()), after three steps (compile, capture, replay), each kernel timed as kernel_times does; its
+    weights are updated."""
+    trainer = make_trainer()
+    for _ in range(3):
+        trainer.step(x, beta).numpy()
+    per_program: dict[int, list] = {}
+    for sec, call in kernel_times(trainer.jit, (x, beta)):
+        entry = per_program.setdefault(id(call.src[0]), [0.0, 0, call.src[0]])
+        entry[0] += sec
+        entry[1] += 1
+    return per_program
+
+
+def keep_faster(found: list, after: dict) -> list:
+    """For each searched kernel (cache key, default program, searched program, ms per step before, calls per step),
+    given the step timed again with the searched programs (step_program_times), put the default program back in
+    tinygrad's kernel cache where the searched one was not faster. Returns (name, ms before, ms after, kept) each."""
+    report = []
+    for key, prg, searched, ms, calls in found:
+        # per call, times the calls before: one program can run several kernels of the step (ASTs that lower to the
+        # same code), and the search replaced the program of one of them
+        sec, n, _ = after.get(id(searched), (float("inf"), 1, None))
+        ms_after = 1e3 * sec / n * calls
+        if not ms_after < ms:
+            tinygrad.codegen.to_program_cache[key] = prg           # the default program was faster: keep it
+        report.append((plain(prg.arg.name), ms, ms_after, ms_after < ms))
+    return report
+
+
 def search_slowest(make_trainer, x_shape: tuple, top: int = 2, beam: int = 2, label: str = "") -> list:
     """tinygrad's kernel search (BEAM) on the `top` kernels that take the most time in a training step, once per
     network, batch and device: their searched programs replace the default ones in tinygrad's kernel cache and are
     saved with it (save_programs), so later runs compile nothing and search nothing. BEAM=2 over all ~300 distinct
     kernels of a step did not finish in 30 minutes here; a few kernels are most of the step (README, Performance),
-    so searching those pays: each takes minutes (longer the slower it is). make_trainer() builds a fresh
-    train.Trainer; two are built and thrown away: one to time the kernels (which updates its weights), one whose
-    step is scheduled but never run, for the kernels' unoptimized form that the search starts from. Returns
-    (name, ms per step before) of the kernels searched; [] when done before, or under NOOPT (no optimization).
-    x_shape is the batch's; label names the network (its config)."""
+    so searching those pays: each takes minutes (longer the slower it is). The search is greedy and starts from the
+    kernel without tinygrad's hand-coded optimizations, so what it finds can be slower than those (a 100 x 1024 x
+    1024 product on DEV=CPU: 9.1 GFLOP/s found against the default's 21.8; README, Performance): the step is timed
+    again with the searched kernels, and a searched kernel is kept only where it made its part of the step faster.
+    make_trainer() builds a fresh train.Trainer; three are built and thrown away: one to time the kernels (which
+    updates its weights), one whose step is scheduled but never run, for the kernels' unoptimized form that the
+    search starts from, one to time the searched kernels. Returns (name, ms per step before, ms after, kept) of
+    the kernels searched; [] when done before, or under NOOPT (no optimization). x_shape is the batch's; label
+    names the network (its config)."""
     marker = json.dumps([label, Device.DEFAULT, str(Device[Device.DEFAULT].renderer.target), list(x_shape), top, beam])
     if NOOPT or top < 1 or marker in _saved["searched"]:
         return []
     t0 = time.perf_counter()
     x = Tensor(np.random.default_rng(0).random(x_shape, dtype=np.float32)).realize()
     beta = Tensor([1.0]).realize()
-    trainer = make_trainer()
-    for _ in range(3):
-        trainer.step(x, beta).numpy()                # compile, capture, replay
-    per_program: dict[int, list] = {}                               # id -> [seconds per step, program]
-    for sec, call in kernel_times(trainer.jit, (x, beta)):
-        per_program.setdefault(id(call.src[0]), [0.0, call.src[0]])[0] += sec
-    slowest = sorted(per_program.values(), key=lambda sp: -sp[0])[:top]
+    slowest = sorted(step_program_times(make_trainer, x, beta).values(), key=lambda spc: -spc[0])[:top]
     with Context(TRAINING=1):
         linear = Tensor.schedule_linear(*make_trainer().step_tensors(x, beta)[0])
     unoptimized = {}                                                # id(default program) -> (cache key, AST, renderer)
@@ -284,17 +344,21 @@ def search_slowest(make_trainer, x_shape: tuple, top: int = 2, beam: int = 2, la
             key = to_program_key(call.src[0], renderer)
             if (prg := tinygrad.codegen.to_program_cache.get(key)) is not None:
                 unoptimized[id(prg)] = (key, call.src[0], renderer)
-    searched = []
-    for sec, prg in slowest:
+    found = []                                          # (cache key, default program, searched, ms before, calls)
+    for sec, calls, prg in slowest:
         if id(prg) not in unoptimized:
             continue                     # not a kernel of the step's own graph
         key, ast, renderer = unoptimized[id(prg)]
-        tinygrad.codegen.to_program_cache[key] = do_to_program(ast.replace(arg=replace(ast.arg, beam=beam)), renderer)
-        searched.append((plain(prg.arg.name), 1e3 * sec))
+        searched = do_to_program(ast.replace(arg=replace(ast.arg, beam=beam)), renderer)
+        tinygrad.codegen.to_program_cache[key] = searched
+        found.append((key, prg, searched, 1e3 * sec, calls))
+    report = keep_faster(found, step_program_times(make_trainer, x, beta) if found else {})
     _saved["searched"].add(marker)
     _saved["dirty"] = True
     save_programs()
-    print(f"searched the {len(searched)} slowest kernels of the training step ({sum(ms for _, ms in searched):.0f} ms "
-          f"of it before) in {time.perf_counter() - t0:.0f} s, kept for later runs (--kernel-search 0 skips this)",
-          file=sys.stderr, flush=True)
-    return searched
+    kept = [r for r in report if r[3]]
+    print(f"searched the {len(report)} slowest kernels of the training step in {time.perf_counter() - t0:.0f} s: "
+          + ", ".join(f"{name} {ms:.1f} -> {ms_after:.1f} ms" for name, ms, ms_after, _ in report)
+          + f" per step; kept {len(kept)} (the others were no faster), for later runs too (--kernel-search 0 skips "
+          f"this)", file=sys.stderr, flush=True)
+    return report

@@ -130,6 +130,24 @@ def test_matmul_layers_equal_tinygrads(min_macs, monkeypatch):
         for a, b in zip(*results): np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 
+def test_batchnorm_equals_tinygrads():
+    """kernels.BatchNorm (sums per image, then over the batch) gives nn.BatchNorm's outputs, gradients and running
+    statistics in training, and its outputs in evaluation, on images and on vectors."""
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: Tensor(rng.standard_normal(shape, dtype=np.float32))
+    for shape in ((4, 5, 6, 3), (7, 5)):
+        x, up, weight, bias = normal(*shape) * 3 + 1, normal(*shape), normal(5), normal(5)
+        results = []
+        for layer in (kernels.BatchNorm(5), nn.BatchNorm(5)):
+            layer.weight, layer.bias = weight, bias
+            with Context(TRAINING=1):
+                y = layer(x)
+                results.append([y, *(y * up).sum().gradient(x, weight, bias)])
+            with Context(TRAINING=0):
+                results[-1] += [layer.running_mean, layer.running_var, layer(x)]
+        for a, b in zip(*results): np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_program_cache_round_trip(tmp_path, monkeypatch, capsys):
     """Compiled kernels saved by one run are used by the next (tinygrad does not lower them again), and so are
     schedules, under the same settings only; an unreadable cache file is ignored with a note, and VLAE_PROGRAM_CACHE=0
@@ -176,6 +194,33 @@ def program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules):
     assert "ignoring the unreadable kernel cache" in capsys.readouterr().err
     monkeypatch.setenv("VLAE_PROGRAM_CACHE", "0")
     assert kernels.program_cache_path() is None
+
+
+def test_kernel_search_keeps_a_kernel_only_where_it_is_faster(monkeypatch):
+    """After the search, search_slowest times the step again with the searched kernels (kernels.step_program_times)
+    and kernels.keep_faster puts tinygrad's default program back where the searched one was not faster per call (a
+    greedy BEAM from the unoptimized kernel can end slower than tinygrad's heuristics). Programs stand in as named
+    objects here: a real search takes minutes."""
+    import tinygrad.codegen
+    from types import SimpleNamespace
+    program = lambda name: SimpleNamespace(arg=SimpleNamespace(name=name))
+    cache = {}
+    monkeypatch.setattr(tinygrad.codegen, "to_program_cache", cache)
+    found = []                                # (key, default, searched, ms per step before, calls per step before)
+    for i, (ms_before, calls, sec_after, calls_after) in enumerate([(10.0, 2, 0.004, 2), (10.0, 2, 0.012, 2),
+                                                                   (10.0, 3, 0.003, 1), (10.0, 3, 0.004, 1)]):
+        default, searched = program(f"r_{i}"), program(f"searched_{i}")
+        cache[("key", i)] = searched                  # what the search left in the cache
+        found.append((("key", i), default, searched, ms_before, calls, sec_after, calls_after))
+    found.append((("key", 9), program("r_9"), program("searched_9"), 10.0, 1, None, None))   # not run again
+    cache[("key", 9)] = found[-1][2]
+    after = {id(f[2]): [f[5], f[6], f[2]] for f in found if f[5] is not None}
+    report = kernels.keep_faster([f[:5] for f in found], after)
+    assert [(name, kept) for name, _, _, kept in report] == [("r_0", True), ("r_1", False), ("r_2", True),
+                                                             ("r_3", False), ("r_9", False)]
+    assert [round(r[2], 6) for r in report[:4]] == [4.0, 12.0, 9.0, 12.0]      # per call, times the calls before
+    assert [cache[("key", i)] for i in (0, 1, 2, 3, 9)] == [found[0][2], found[1][1], found[2][2], found[3][1],
+                                                             found[4][1]]
 
 
 @pytest.mark.parametrize("combiner", ["concat", "gated"])

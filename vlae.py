@@ -18,7 +18,7 @@ from dataclasses import dataclass, asdict, field
 from typing import NamedTuple
 from tinygrad import Tensor, nn
 from tinygrad.nn.state import get_state_dict
-from kernels import Linear, matmul_nt
+from kernels import BatchNorm, Linear, matmul_nt
 
 # Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units;
 # `medium` has the authors' convolutions and narrow's dense layers (in study.py it keeps stroke thickness in the bottom
@@ -71,7 +71,7 @@ def relu(x: Tensor) -> Tensor: return x.relu()
 
 def dense(n_in: int, n_out: int, act=None) -> list:
     """Linear -> BatchNorm -> activation, the unit every MLP in the authors' networks is made of."""
-    return [Linear(n_in, n_out), nn.BatchNorm(n_out), act] if act else [Linear(n_in, n_out)]
+    return [Linear(n_in, n_out), BatchNorm(n_out), act] if act else [Linear(n_in, n_out)]
 
 
 def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
@@ -125,7 +125,7 @@ def conv_encoder(image_shape: tuple, channels: tuple) -> list:
     """x (B, C, H, W) -> features (B, c_last * H/2^n * W/2^n): n 4x4 stride-2 convolutions, BN, leaky ReLU."""
     layers, c_in = [], image_shape[0]
     for c in channels:
-        layers += [Conv4x4s2(c_in, c), nn.BatchNorm(c), lrelu]
+        layers += [Conv4x4s2(c_in, c), BatchNorm(c), lrelu]
         c_in = c
     return layers + [lambda x: x.flatten(1)]
 
@@ -146,7 +146,7 @@ def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
     for i, c in enumerate(outs):
         layers.append(ConvTranspose4x4s2(c_in, c))
         if i < len(outs) - 1:
-            layers += [nn.BatchNorm(c), relu]
+            layers += [BatchNorm(c), relu]
         c_in = c
     return layers
 
