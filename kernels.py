@@ -320,9 +320,9 @@ def search_slowest(make_trainer, x_shape: tuple, top: int = 2, beam: int = 2, la
     saved with it (save_programs), so later runs compile nothing and search nothing. BEAM=2 over all ~300 distinct
     kernels of a step did not finish in 30 minutes here; a few kernels are most of the step (README, Performance),
     so searching those pays: each takes minutes (longer the slower it is). The search is greedy and starts from the
-    kernel without tinygrad's hand-coded optimizations, so what it finds can be slower than those (a 100 x 1024 x
-    1024 product on DEV=CPU: 9.1 GFLOP/s found against the default's 21.8; README, Performance): the step is timed
-    again with the searched kernels, and a searched kernel is kept only where it made its part of the step faster.
+    kernel without tinygrad's hand-coded optimizations, so what it finds can be slower than those (the paper
+    network's three slowest kernels on OpenCL: all three; README, Performance): the step is timed again with the
+    searched kernels, and a searched kernel is kept only where it made its part of the step faster.
     make_trainer() builds a fresh train.Trainer; three are built and thrown away: one to time the kernels (which
     updates its weights), one whose step is scheduled but never run, for the kernels' unoptimized form that the
     search starts from, one to time the searched kernels. Returns (name, ms per step before, ms after, kept) of
