@@ -89,6 +89,13 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     flops = GlobalCounters.global_ops                  # FLOPs of one training step, as tinygrad's kernels count them
     kernels = GlobalCounters.kernel_count
     per_step = [timed(step, steps) for _ in range(reps)]
+    enqueue = []                 # how long the jitted step takes to hand its kernels to the device, before they ran
+    for _ in range(steps):
+        step().numpy()
+        t0 = time.perf_counter()
+        out = step()
+        enqueue.append(time.perf_counter() - t0)
+        out.numpy()
 
     eps = [Tensor(rng.standard_normal((batch, d), dtype=np.float32)).realize() for d in model.cfg.latent_dims]
     sample = lambda: generate_jit(model)(*eps)
@@ -101,6 +108,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
             "searched": [{"kernel": k, "ms_before": round(a, 2), "ms_after": round(b, 2), "kept": kept}
                          for k, a, b, kept in searched], "ms_per_step": round(1e3 * med, 1),
             "ms_per_step_min": round(1e3 * min(per_step), 1), "ms_per_step_max": round(1e3 * max(per_step), 1),
+            "ms_to_enqueue_step": round(1e3 * float(np.median(enqueue)), 1),
             "images_per_s": round(batch / med, 1), "gflops": round(flops / med / 1e9, 1),
             "gflop_per_step": round(flops / 1e9, 2), "kernels_per_step": kernels,
             "sample_images_per_s": round(batch / float(np.median(per_sample)), 1),

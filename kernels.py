@@ -359,6 +359,6 @@ def search_slowest(make_trainer, x_shape: tuple, top: int = 2, beam: int = 2, la
     kept = [r for r in report if r[3]]
     print(f"searched the {len(report)} slowest kernels of the training step in {time.perf_counter() - t0:.0f} s: "
           + ", ".join(f"{name} {ms:.1f} -> {ms_after:.1f} ms" for name, ms, ms_after, _ in report)
-          + f" per step; kept {len(kept)} (the others were no faster), for later runs too (--kernel-search 0 skips "
-          f"this)", file=sys.stderr, flush=True)
+          + f" per step; kept {len(kept)} of them (tinygrad's own kernel where the searched one was no faster), for "
+          f"later runs too (--kernel-search 0 skips this)", file=sys.stderr, flush=True)
     return report
