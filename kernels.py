@@ -87,8 +87,8 @@ class BatchNorm(nn.BatchNorm):
     In the backward pass too: scale and shift reach the images through a (B, C, 1, 1) tensor whose gradient is
     written out (contiguous_backward), so their gradients are summed per image first."""
     def calc_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if x.ndim != 4 or not (TRAINING or not self.track_running_stats):
-            return super().calc_stats(x)
+        if x.ndim != 4 or (self.track_running_stats and not TRAINING):
+            return super().calc_stats(x)                              # (the running statistics in evaluation)
         mean = x.mean(axis=(2, 3)).contiguous().mean(axis=0)
         y = x - mean.detach().reshape(1, -1, 1, 1)                     # d(var)/d(mean) = 0, as nn.BatchNorm's
         return mean, (y * y).mean(axis=(2, 3)).contiguous().mean(axis=0)
@@ -308,9 +308,9 @@ def keep_faster(found: list, after: dict) -> list:
         # same code), and the search replaced the program of one of them
         sec, n, _ = after.get(id(searched), (float("inf"), 1, None))
         ms_after = 1e3 * sec / n * calls
-        if not ms_after < ms:
+        if not (kept := ms_after < ms):
             tinygrad.codegen.to_program_cache[key] = prg           # the default program was faster: keep it
-        report.append((plain(prg.arg.name), ms, ms_after, ms_after < ms))
+        report.append((plain(prg.arg.name), ms, ms_after, kept))
     return report
 
 
@@ -356,9 +356,8 @@ def search_slowest(make_trainer, x_shape: tuple, top: int = 2, beam: int = 2, la
     _saved["searched"].add(marker)
     _saved["dirty"] = True
     save_programs()
-    kept = [r for r in report if r[3]]
     print(f"searched the {len(report)} slowest kernels of the training step in {time.perf_counter() - t0:.0f} s: "
           + ", ".join(f"{name} {ms:.1f} -> {ms_after:.1f} ms" for name, ms, ms_after, _ in report)
-          + f" per step; kept {len(kept)} of them (tinygrad's own kernel where the searched one was no faster), for "
-          f"later runs too (--kernel-search 0 skips this)", file=sys.stderr, flush=True)
+          + f" per step; kept {sum(r[3] for r in report)} of them (tinygrad's own kernel where the searched one was no "
+          f"faster), for later runs too (--kernel-search 0 skips this)", file=sys.stderr, flush=True)
     return report

@@ -10,8 +10,11 @@ MxKxN: out (M, N) = a (M, K) times b; --layout nt: b is (N, K) and out = a @ b.T
 nn: b is (K, N), tn: a is stored (K, M). An --opts list is OP:AXIS:AMOUNT items (tinygrad's OptOps: UPCAST,
 UNROLL, LOCAL, THREAD, SWAP, ...), applied in order to the kernel's axes (M, N, K).
 """
-import argparse, re, sys, time
+import argparse, sys, time
 from dataclasses import replace
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kernels import plain                                            # a kernel's name without tinygrad's colours
 
 
 def main() -> int:
@@ -50,7 +53,7 @@ def main() -> int:
             return
         built = time.perf_counter() - t0
         best = min(_time_program(prg, var_vals, bufs, allow_test_size=False, cnt=7))
-        name = re.sub(r"\x1b\[[0-9;]*m", "", prg.arg.name)                # without tinygrad's colours
+        name = plain(prg.arg.name)
         print(f"| {label} | `{name}` | {1e3 * best:.2f} ms | {flop / best / 1e9:.1f} GFLOP/s | "
               f"built in {built:.1f} s |", flush=True)
 
