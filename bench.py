@@ -75,7 +75,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     """One configuration, in this process: warm-up, steady-state training, sampling, GFLOP/s and memory."""
     from tinygrad import Tensor, Device, GlobalCounters
     from vlae import n_params
-    from kernels import generate_jit
+    from kernels import generate_jit, step_calls
     trainer, x, beta, search_s, searched = trainer_for(size, model_name, batch, kernel_search)
     model, rng = trainer.model, np.random.default_rng(1)
     step = lambda: trainer.step(x, beta)
@@ -87,7 +87,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     GlobalCounters.reset()
     step().numpy()
     flops = GlobalCounters.global_ops                  # FLOPs of one training step, as tinygrad's kernels count them
-    kernels = GlobalCounters.kernel_count
+    kernels = len(step_calls(trainer.jit))            # (GlobalCounters counts a batch of kernels as one)
     per_step = [timed(step, steps) for _ in range(reps)]
     enqueue = []                 # how long the jitted step takes to hand its kernels to the device, before they ran
     for _ in range(steps):       # (each call starts on an idle device: timed() and every iteration end reading back)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse, json, math, sys, time
 from pathlib import Path
 import numpy as np
-from tinygrad import Tensor, TinyJit, Context, nn
+from tinygrad import Tensor, Context, nn
 from tinygrad.helpers import tqdm
 from data import DataError, Dataset, as_float, batches, binarized_test_set, load_dataset
 from checkpoint import UserError, atomic_safe_save, load_model, load_part, read_safetensors
 from vlae import quantile_grid, weights
-from kernels import batched, elbo_parts, generate_images, jitted, load_programs, posterior_means, save_programs
+from kernels import batched, elbo_parts, generate_images, jit, jitted, load_programs, posterior_means, save_programs
 
 ACTIVE = 0.01               # Burda et al. 2015: a unit is active when Cov_x(E_q[z_u]) exceeds this
 ATTRIBUTES = ("identity", "thickness", "width", "slant")
@@ -130,7 +130,7 @@ def train_classifier(ds: Dataset, epochs: int, seed: int = 0) -> tuple[Classifie
     clf = Classifier()
     opt = nn.optim.Adam(nn.state.get_parameters(clf), lr=1e-3)
 
-    @TinyJit
+    @jit
     def step(x: Tensor, y: Tensor) -> Tensor:
         with Context(TRAINING=1):
             opt.zero_grad()

@@ -18,8 +18,11 @@ import tinygrad.codegen, tinygrad.schedule
 from tinygrad import Context, Device, Tensor, TinyJit, nn
 from tinygrad.function import function
 from tinygrad.codegen import do_to_program, to_program_key
-from tinygrad.engine.realize import ExecContext, pm_exec
-from tinygrad.helpers import CACHEDB, CACHELEVEL, NOOPT, TRAINING, ContextVar
+from tinygrad.engine.jit import GraphRunner
+from tinygrad.engine.realize import ExecContext, get_call_arg_uops, pm_exec
+from tinygrad.runtime.autogen import opencl as cl
+from tinygrad.runtime.ops_cl import check, checked
+from tinygrad.helpers import CACHEDB, CACHELEVEL, IMAGE, NOOPT, TRAINING, ContextVar
 from tinygrad.uop.ops import CallInfo, Ops, UOp
 
 
@@ -110,6 +113,112 @@ class BatchNorm(nn.BatchNorm):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Launching a jit's kernels: one batch per device on OpenCL
+# ---------------------------------------------------------------------------------------------------------
+
+class CLGraph(GraphRunner):
+    """A captured jit's kernels on an OpenCL device, launched as one batch: what tinygrad's graphs do for CUDA and
+    Metal (its GraphRunner), which it has none of for OpenCL. There, each replayed kernel goes through tinygrad's
+    generic path, ~70 us of Python per kernel (resolving buffers, launch sizes, statistics, setting every argument):
+    the narrow step's ~740 kernels took 52 ms to enqueue of a 96 ms step on pocl, and the Python thread holds one of
+    the cores the kernels run on (README, Performance). Here each kernel gets its own cl_kernel with its arguments
+    set once, when the jit is captured; a replay sets only the arguments that are the jit's inputs (they can be new
+    buffers each call) and enqueues. The same kernels on the same buffers in the same in-order queue: the same
+    numbers, bit for bit."""
+    def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
+        super().__init__(linear, input_uops)
+        self.dev = Device[self.device]
+        self.launches = []       # (cl_kernel, work dims, global size, local size) per kernel
+        self.inputs = []         # [(argument index, input slot)] per kernel: the arguments set at each replay
+        self.var_args = []       # [(argument index, its C type)] per variable of the program, per kernel
+        self.kernels = []        # the cl_kernels, released with the graph
+        zero = dict.fromkeys(self.vars, 0)
+        for j, ((_, prg, bufs, device_vars), rt) in enumerate(zip(self.calls, self.runtimes)):
+            kernel = checked(cl.clCreateKernel(rt.program, _kernel_name(rt.kernel), status := ctypes.c_int32()), status)
+            self.kernels.append(kernel)
+            globals_ = list(prg.arg.globals)                          # the call's arguments the program reads
+            arg_of_slot = {slot: i for i, (_, slot, _, _) in enumerate(rt.signature)}
+            vals = prg.arg.vals(zero | device_vars)
+            for i, (_, slot, dt, _) in enumerate(rt.signature):
+                a = bufs[globals_[slot]].get_buf(bufs[globals_[slot]].device) if slot < len(globals_) else \
+                    getattr(ctypes, f"c_int{dt.bitsize}")(vals[slot - len(globals_)])
+                check(cl.clSetKernelArg(kernel, i, ctypes.sizeof(a), ctypes.byref(a)))
+            self.inputs.append([(arg_of_slot[globals_.index(p)], slot) for p, slot in self.uop_replace[j] if p in globals_])
+            var_arg = [arg_of_slot[len(globals_) + i] for i in range(len(prg.arg.vars))]
+            self.var_args.append([(i, getattr(ctypes, f"c_int{rt.signature[i][2].bitsize}")) for i in var_arg])
+            self.launches.append([kernel, *self._sizes(*prg.arg.launch_dims(zero | device_vars))])
+
+    @staticmethod
+    def _sizes(global_size, local_size) -> tuple:
+        if local_size is not None:
+            global_size = tuple(int(g * l) for g, l in zip(global_size, local_size))
+        return (len(global_size), (ctypes.c_size_t * len(global_size))(*global_size),
+                (ctypes.c_size_t * len(local_size))(*local_size) if local_size else None)
+
+    def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait: bool = False) -> float | None:
+        for (kernel, *_), inputs in zip(self.launches, self.inputs):
+            for i, slot in inputs:
+                a = (b := input_uops[slot].buffer).get_buf(b.device)
+                check(cl.clSetKernelArg(kernel, i, ctypes.sizeof(a), ctypes.byref(a)))
+        for j, i, v in self.updated_vars(var_vals):
+            arg, ctype = self.var_args[j][i]
+            check(cl.clSetKernelArg(self.launches[j][0], arg, ctypes.sizeof(a := ctype(v)), ctypes.byref(a)))
+        for j, global_size, local_size in self.updated_launch_dims(var_vals):
+            self.launches[j][1:] = self._sizes(global_size, local_size)
+        events = [cl.cl_event(), cl.cl_event()] if wait else [None, None]
+        last = len(self.launches) - 1
+        for k, (kernel, dims, global_size, local_size) in enumerate(self.launches):
+            event = events[0] if k == 0 else events[1] if k == last else None
+            check(cl.clEnqueueNDRangeKernel(self.dev.queue, kernel, dims, None, global_size, local_size, 0, None, event))
+        check(cl.clFlush(self.dev.queue))
+        if not wait:
+            return None
+        check(cl.clWaitForEvents(1, events[1]))
+        start, end = ctypes.c_uint64(), ctypes.c_uint64()
+        check(cl.clGetEventProfilingInfo(events[0], cl.CL_PROFILING_COMMAND_START, 8, ctypes.byref(start), None))
+        check(cl.clGetEventProfilingInfo(events[1], cl.CL_PROFILING_COMMAND_END, 8, ctypes.byref(end), None))
+        return (end.value - start.value) * 1e-9
+
+    def __del__(self):
+        for kernel in getattr(self, "kernels", []):
+            cl.clReleaseKernel(kernel)
+
+    @staticmethod
+    def supports_uop(batch_devs, new_call: UOp) -> bool:
+        """Kernels on one device whose arguments are plain buffers: no images (tinygrad's IMAGE setting; an image
+        argument is made per launch) and no view of a jit input (it would be resolved once, at capture)."""
+        return GraphRunner.supports_uop(batch_devs, new_call) and not IMAGE and not any(
+            b.op is not Ops.PARAM and any(u.op is Ops.PARAM for u in b.toposort()) for b in get_call_arg_uops(new_call))
+
+
+def _kernel_name(kernel) -> bytes:
+    size = ctypes.c_size_t()
+    check(cl.clGetKernelInfo(kernel, cl.CL_KERNEL_FUNCTION_NAME, 0, None, ctypes.byref(size)))
+    name = ctypes.create_string_buffer(size.value)
+    check(cl.clGetKernelInfo(kernel, cl.CL_KERNEL_FUNCTION_NAME, size.value, name, None))
+    return name.value
+
+
+def jit(fn) -> TinyJit:
+    """TinyJit(fn); on an OpenCL default device its kernels are launched in batches (CLGraph) unless
+    VLAE_CL_GRAPH=0. Every jit of the project is made here (the training step, and through jitted the rest)."""
+    if Device.DEFAULT.split(":")[0] == "CL" and os.environ.get("VLAE_CL_GRAPH", "1") != "0" \
+            and Device[Device.DEFAULT].graph is None:
+        Device[Device.DEFAULT].graph = CLGraph
+    return TinyJit(fn)
+
+
+def step_calls(tjit: TinyJit) -> list[UOp]:
+    """The calls a captured jit makes, in order, with each batch of a graph (CLGraph, or a GPU backend's) opened
+    into its kernels: call.src[0] is the program, the rest its arguments (the jit's inputs as PARAMs)."""
+    calls = []
+    for call in tjit.captured.linear.src:
+        graphed = call.src[0].op is Ops.CUSTOM_FUNCTION and call.src[0].arg == "graph"
+        calls.extend(call.src[0].src[0].src if graphed else (call,))
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The models over numpy arrays: jitted, at one batch size
 # ---------------------------------------------------------------------------------------------------------
 
@@ -117,10 +226,10 @@ BATCH = 100                 # sampling and evaluation run at this batch size (pa
 
 
 def jitted(obj, name: str, fn) -> TinyJit:
-    """TinyJit(fn), made on first use and kept on obj as the private attribute _<name>_jit, so that each function
+    """jit(fn), made on first use and kept on obj as the private attribute _<name>_jit, so that each function
     compiles once per model. vlae.weights() skips private attributes: what a jit captures never reaches a checkpoint."""
     if f"_{name}_jit" not in vars(obj):
-        setattr(obj, f"_{name}_jit", TinyJit(fn))
+        setattr(obj, f"_{name}_jit", jit(fn))
     return getattr(obj, f"_{name}_jit")
 
 
@@ -182,7 +291,6 @@ def on_cpu(device: str) -> bool:
         return True
     if device.split(":")[0] != "CL":
         return False
-    from tinygrad.runtime.autogen import opencl as cl
     kind = ctypes.c_uint64()
     cl.clGetDeviceInfo(Device[device].cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)
     return bool(kind.value & cl.CL_DEVICE_TYPE_CPU)
@@ -269,12 +377,12 @@ def plain(name: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", name)
 
 
-def kernel_times(jit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> list[tuple[float, UOp]]:
+def kernel_times(tjit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> list[tuple[float, UOp]]:
     """(seconds, call) for every kernel a captured jit runs, in order (call.src[0] is the compiled program, the rest
     its buffers): the kernels are replayed one at a time, each waited for, `reps` times, keeping each kernel's best
     time. `inputs` are the jit's Tensor arguments, in order. Replaying runs the step, so whatever the jit updates
     (weights, optimizer state) is updated again."""
-    calls = jit.captured.linear.src
+    calls = step_calls(tjit)
     ctx = ExecContext({}, tuple(t.uop for t in inputs), update_stats=False, jit=True, wait=True)
     best = [float("inf")] * len(calls)
     for _ in range(reps):

@@ -761,18 +761,22 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
         run_train(common + ["--out", str(out), "--epochs", "3", "--resume", "--combiner", "concat"])
 
 
-def test_opencl_backend_trains_saves_and_sweeps_like_the_cpu(tmp_path):
-    """tinygrad's OpenCL backend (DEV=CL: the path of AMD, Intel and older NVIDIA GPUs; in CI, Debian's pocl runs it
-    on the CPU): two training steps, the checkpoint they write loaded again by sample.py, and a sweep, each matching
-    the CPU backend's numbers within float tolerance. Skipped where no OpenCL platform exists, except in CI
-    (VLAE_REQUIRE_CL=1), where .ci/run installs pocl."""
-    mnist_folder()
+def need_opencl() -> None:
+    """Skips the test where no OpenCL platform exists, except in CI (VLAE_REQUIRE_CL=1: .ci/run installs pocl)."""
     probe = subprocess.run([sys.executable, "-c", "from tinygrad import Device; Device['CL']"], capture_output=True,
                            text=True, env=os.environ | {"DEV": "CPU"})
     if probe.returncode != 0:
         msg = "no OpenCL platform (apt-get install -y pocl-opencl-icd): " + probe.stderr.strip().splitlines()[-1]
         if os.environ.get("VLAE_REQUIRE_CL"): pytest.fail(msg)
         pytest.skip(msg)
+
+
+def test_opencl_backend_trains_saves_and_sweeps_like_the_cpu(tmp_path):
+    """tinygrad's OpenCL backend (DEV=CL: the path of AMD, Intel and older NVIDIA GPUs; in CI, Debian's pocl runs it
+    on the CPU): two training steps, the checkpoint they write loaded again by sample.py, and a sweep, each matching
+    the CPU backend's numbers within float tolerance (their kernels launched by kernels.CLGraph)."""
+    mnist_folder()
+    need_opencl()
     here, results = Path(__file__).parent, {}
     for dev in ("CPU", "CL"):
         out, env = tmp_path / dev, os.environ | {"DEV": dev}
@@ -796,6 +800,40 @@ def test_opencl_backend_trains_saves_and_sweeps_like_the_cpu(tmp_path):
     cl, cpu = (np.concatenate([w[k].ravel() for k in sorted(w_cpu) if k.startswith("model.")]) for w in (w_cl, w_cpu))
     assert np.abs(cl - cpu).max() <= 4e-3 and np.isclose(cl, cpu, rtol=1e-4, atol=1e-5).mean() > 0.9
     assert sweep_cl.shape == sweep_cpu.shape and np.abs(sweep_cl - sweep_cpu).max() <= 2
+
+
+CL_GRAPH_PROBE = """
+import json, sys
+import numpy as np
+from tinygrad import Tensor
+from tinygrad.uop.ops import Ops
+import kernels
+rng = np.random.default_rng(0)
+w = Tensor(rng.standard_normal((16, 8), dtype=np.float32)).realize()
+f = kernels.jit(lambda x, y: ((x @ w).relu() * y + x.sum(axis=1, keepdim=True)).exp2().realize())
+xs = [rng.standard_normal((4, 16), dtype=np.float32) for _ in range(5)]
+ys = [rng.standard_normal((4, 8), dtype=np.float32) for _ in range(5)]
+outs = [f(Tensor(x), Tensor(y)).numpy() for x, y in zip(xs, ys)]     # new input buffers at every call
+want = [np.exp2(np.maximum(x @ w.numpy(), 0) * y + x.sum(1, keepdims=True)) for x, y in zip(xs, ys)]
+graphs = sum(c.src[0].op is Ops.CUSTOM_FUNCTION and c.src[0].arg == "graph" for c in f.captured.linear.src)
+print(json.dumps({"graphs": graphs, "kernels": len(kernels.step_calls(f)), "outs": [o.tolist() for o in outs],
+                  "max_err": max(float(np.abs(o - t).max() / np.abs(t).max()) for o, t in zip(outs, want))}))
+"""
+
+
+def test_cl_graph_replays_a_jit_as_tinygrad_does():
+    """kernels.CLGraph, the batched launch of a jit's kernels on OpenCL (the default there), against tinygrad's own
+    launches (VLAE_CL_GRAPH=0): the same numbers bit for bit, also when the jit's inputs are new buffers at every
+    call, and right against numpy."""
+    need_opencl()
+    got = {}
+    for graph in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", CL_GRAPH_PROBE], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, env=os.environ | {"DEV": "CL", "VLAE_CL_GRAPH": graph})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got[graph] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["1"]["graphs"] == 1 and got["0"]["graphs"] == 0 and got["1"]["kernels"] == got["0"]["kernels"] > 1
+    assert got["1"]["outs"] == got["0"]["outs"] and got["1"]["max_err"] < 1e-5
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):

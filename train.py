@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse, dataclasses, json, math, signal, sys, time
 from pathlib import Path
 import numpy as np
-from tinygrad import Tensor, TinyJit, Device, Context, dtypes, nn
+from tinygrad import Tensor, Device, Context, dtypes, nn
 from tinygrad.helpers import tqdm
 from data import DATASETS, DataError, as_float, batches, binarized_test_set, load_dataset
 from files import image_grid, over_each_other, save_png
 from vlae import ModelConfig, SIZES, n_params, weights
-from kernels import elbo_parts, generate_images, load_programs, on_cpu, save_programs, search_slowest
+from kernels import elbo_parts, generate_images, jit, load_programs, on_cpu, save_programs, search_slowest
 from checkpoint import (CHECKPOINT, MODELS, StopSignals, Stopped, UserError, build_model, checkpoint_tensors,
                         load_weights, optimizer_state, read_checkpoint, save_checkpoint)
 
@@ -56,7 +56,7 @@ class Trainer:
         # Everything the step reads and updates is made a buffer now: left lazy, the initial weights' random draws and
         # Adam's zero moments would be folded into the first step's graph, which then takes 2-3x longer to build
         Tensor.realize(*weights(model).values(), *optimizer_state(self.opt).values(), self.opt.lr)
-        self.jit = TinyJit(self._step)
+        self.jit = jit(self._step)
 
     def step(self, x: Tensor, beta: Tensor) -> Tensor:
         """One jitted training step (see _step). The first call builds and compiles the graph, the second captures
