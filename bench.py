@@ -11,7 +11,7 @@ fixed random batch (seed 0); the steady state is `--reps` repetitions of `--step
 the median with the min-max spread. The train step is train.Trainer's, exactly what `python train.py` runs.
 """
 from __future__ import annotations
-import argparse, json, os, platform, re, resource, shlex, subprocess, sys, tempfile, time
+import argparse, contextlib, json, os, platform, re, resource, shlex, subprocess, sys, tempfile, time
 from pathlib import Path
 from math import prod
 import numpy as np
@@ -51,7 +51,7 @@ def use_tinygrad_conv() -> None:
     vlae.Conv4x4s2.__call__, vlae.ConvTranspose4x4s2.__call__ = nn.Conv2d.__call__, nn.ConvTranspose2d.__call__
 
 
-def trainer_for(size: str, model_name: str, batch: int, kernel_search: int):
+def trainer_for(size: str, model_name: str, batch: int, kernel_search: int | None):
     """What train.py sets up before its first step: the kernels kept by earlier runs, the kernel search (if not done
     before for this network), a seeded model and its Trainer; with a fixed random batch. Returns (trainer, x, beta,
     seconds the search took, what it found: kernels.search_slowest)."""
@@ -71,7 +71,7 @@ def trainer_for(size: str, model_name: str, batch: int, kernel_search: int):
     return trainer, x, Tensor([1.0]).realize(), search_s, searched
 
 
-def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kernel_search: int) -> dict:
+def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kernel_search: int | None) -> dict:
     """One configuration, in this process: warm-up, steady-state training, sampling, GFLOP/s and memory."""
     from tinygrad import Tensor, Device, GlobalCounters
     from vlae import n_params
@@ -123,7 +123,7 @@ def kernel_kind(name: str, out_shape: tuple, flops: float, nbytes: float) -> str
     return "reduce"
 
 
-def profile_step(size: str, model_name: str, batch: int, reps: int, top: int, kernel_search: int) -> dict:
+def profile_step(size: str, model_name: str, batch: int, reps: int, top: int, kernel_search: int | None) -> dict:
     """Every kernel of one training step, timed alone (kernels.kernel_times): the step the jit captured
     (train.Trainer's, as in train.py, after the same kernel search) is replayed one kernel at a time, waiting for
     each, `reps` times; each kernel's best time is kept. FLOPs and bytes are tinygrad's own estimates for the kernel
@@ -168,6 +168,11 @@ def child(argv: list[str], env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def search_flag(args) -> list[str]:
+    """--kernel-search for a measuring process: as given, else none (train.py's default for its device)."""
+    return [] if args.kernel_search is None else ["--kernel-search", str(args.kernel_search)]
+
+
 def parse_variant(spec: str) -> tuple[dict, list[str]]:
     """A --variant: KEY=VALUE words are environment settings for tinygrad (DEV=CL, BEAM=2, ...), the rest are flags
     for the measuring process (--batch 200, --tinygrad-conv)."""
@@ -178,21 +183,20 @@ def parse_variant(spec: str) -> tuple[dict, list[str]]:
     return env, argv
 
 
-def bench_config(size: str, model: str, args, variant: str = "") -> dict:
-    """Cold and cached warm-up in two processes sharing a fresh cache; the steady state from the second."""
+def bench_config(size: str, model: str, args, variant: str, tmp: str) -> tuple[dict, callable]:
+    """Cold and cached warm-up in two processes sharing a fresh cache (in the folder tmp); the steady state from the
+    second. Returns the row and a function that times the steady state again, in a new process (for --rounds)."""
     extra_env, extra_argv = parse_variant(variant)
     common = ["--child", "--size", size, "--model", model, "--batch", str(args.batch), "--steps", str(args.steps),
-              "--reps", str(args.reps), "--kernel-search", str(args.kernel_search)]
-    with tempfile.TemporaryDirectory() as tmp:
-        # tinygrad's cache and ours beside it, and pocl's own kernel cache (DEV=CL on a CPU): all empty at first
-        env = os.environ | extra_env | {"CACHEDB": str(Path(tmp) / "cache.db"),
-                                        "POCL_CACHE_DIR": str(Path(tmp) / "pocl")}
-        cold = child(common + ["--steps", "1", "--reps", "1"] + extra_argv, env)
-        warm = child(common + extra_argv, env)
+              "--reps", str(args.reps), *search_flag(args)]
+    # tinygrad's cache and ours beside it, and pocl's own kernel cache (DEV=CL on a CPU): all empty at first
+    env = os.environ | extra_env | {"CACHEDB": str(Path(tmp) / "cache.db"), "POCL_CACHE_DIR": str(Path(tmp) / "pocl")}
+    cold = child(common + ["--steps", "1", "--reps", "1"] + extra_argv, env)
+    warm = child(common + extra_argv, env)
     warm["warmup_cold_s"], warm["warmup_cached_s"] = cold["warmup_s"], warm.pop("warmup_s")
     warm["search_s"], warm["searched"] = cold["search_s"], cold["searched"]    # the second finds the search done
     warm["variant"] = variant
-    return warm
+    return warm, lambda: child(common + extra_argv, env)
 
 
 def torch_mirror(argv: list[str]) -> dict:
@@ -218,6 +222,8 @@ def table(rows: list[dict]) -> str:
         warm = f"{r['warmup_cold_s']:.1f} / {r['warmup_cached_s']:.1f}" if "warmup_cold_s" in r else "-"
         settings = r.get("variant") or (f"{r['threads']} threads" if "threads" in r else f"DEV={r['device']}")
         ratio = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ("1x" if r["framework"].startswith("torch") else "-")
+        if len(r.get("vs_torch_rounds", [])) > 1:                 # the median over rounds, and its spread
+            ratio += f" ({min(r['vs_torch_rounds']):.2f}-{max(r['vs_torch_rounds']):.2f})"
         lines.append(f"| {r['size']} | {r['model']} | {r['framework']} | {settings} | {r['images_per_s']:.1f} | "
                      f"{ratio} | {spread} | "
                      f"{r.get('gflops', '-')} | {warm} | {r.get('search_s', '-')} | {r['sample_images_per_s']:.0f} | "
@@ -232,8 +238,7 @@ def profile_main(sizes: list[str], models: list[str], args) -> int:
         for model in models:
             print(f"profiling {model} {size} ...", file=sys.stderr, flush=True)
             prof = child(["--child", "--profile", str(args.profile), "--size", size, "--model", model,
-                          "--batch", str(args.batch), "--reps", str(args.reps), "--kernel-search",
-                          str(args.kernel_search)], dict(os.environ))
+                          "--batch", str(args.batch), "--reps", str(args.reps), *search_flag(args)], dict(os.environ))
             if args.torch:
                 prof["torch"] = torch_mirror(["--model", model, "--size", size, "--batch", str(args.batch),
                                               "--profile", str(args.profile)])
@@ -274,13 +279,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per repetition")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the table shows the median and the spread")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch mirror in bench/torch_mirror.py")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each configuration (every variant, and PyTorch) this many times in turn, in new "
+                        "processes, and report the median of each and of the ratios within a round: the same "
+                        "computation drifts by 20-30 %% over minutes on a shared machine")
     p.add_argument("--variant", action="append", default=None, metavar="SETTINGS",
                    help="time each configuration under each of these settings (repeatable): tinygrad environment "
                         "variables and measuring flags, e.g. --variant DEV=CPU --variant DEV=CL --variant "
                         "'DEV=CL --tinygrad-conv' --variant 'DEV=CL --batch 200' (default: one run as the "
                         "environment is)")
-    p.add_argument("--kernel-search", type=int, default=2, metavar="N",
-                   help="as train.py: kernel search on the N slowest kernels of the step before timing it (0: off)")
+    p.add_argument("--kernel-search", type=int, default=None, metavar="N",
+                   help="as train.py: kernel search on the N slowest kernels of the step before timing it (0: off; "
+                        "default: train.py's)")
     p.add_argument("--tinygrad-conv", action="store_true",
                    help="measure with tinygrad's own convolutions in place of the model's matmul forms")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -289,9 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag in ("batch", "steps", "reps", "profile", "kernel_search"):
+    for flag in ("batch", "steps", "reps", "rounds", "profile", "kernel_search"):
         least = 0 if flag in ("profile", "kernel_search") else 1
-        if getattr(args, flag) < least:
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
             print(f"error: --{flag.replace('_', '-')} must be >= {least} (got {getattr(args, flag)})", file=sys.stderr)
             return 2
     from vlae import SIZES
@@ -326,17 +336,39 @@ def speed_main(sizes: list[str], models: list[str], args) -> int:
     rows = []
     for size in sizes:
         for model in models:
-            for variant in args.variant or [""]:
-                print(f"timing {model} {size} {variant} ...", file=sys.stderr, flush=True)
-                rows.append(bench_config(size, model, args, variant))
-                print(table(rows[-1:]), file=sys.stderr)
-            if args.torch:
-                rows.append(torch_row(size, model, args))
-                for r in rows[-1 - len(args.variant or [""]):-1]:
-                    r["vs_torch"] = r["images_per_s"] / rows[-1]["images_per_s"]
-                print(table(rows[-1:]), file=sys.stderr)
+            with contextlib.ExitStack() as stack:
+                config, again = [], []
+                for variant in args.variant or [""]:
+                    print(f"timing {model} {size} {variant} ...", file=sys.stderr, flush=True)
+                    tmp = stack.enter_context(tempfile.TemporaryDirectory())
+                    row, rerun = bench_config(size, model, args, variant, tmp)
+                    config.append(row)
+                    again.append(rerun)
+                    print(table(config[-1:]), file=sys.stderr)
+                if args.torch:
+                    config.append(torch_row(size, model, args))
+                    again.append(lambda: torch_row(size, model, args))
+                    print(table(config[-1:]), file=sys.stderr)
+                rounds = [[r["images_per_s"] for r in config]]
+                for k in range(1, args.rounds):         # each configuration again, in turn (this machine drifts)
+                    print(f"round {k + 1} of {args.rounds}: {model} {size} ...", file=sys.stderr, flush=True)
+                    rounds.append([rerun()["images_per_s"] for rerun in again])
+            per_round = np.array(rounds)                                   # (rounds, configurations)
+            for i, r in enumerate(config):
+                if args.rounds > 1:                                        # img/s and ms/step: over the rounds
+                    r["images_per_s_rounds"] = per_round[:, i].tolist()
+                    r["images_per_s"] = round(float(np.median(per_round[:, i])), 1)
+                    ms = 1e3 * args.batch / per_round[:, i]
+                    r["ms_per_step"], r["ms_per_step_min"], r["ms_per_step_max"] = (
+                        round(float(f(ms)), 1) for f in (np.median, np.min, np.max))
+                if args.torch and i < len(config) - 1:                     # the ratio within each round
+                    ratios = per_round[:, i] / per_round[:, -1]
+                    r["vs_torch"] = float(np.median(ratios))
+                    r["vs_torch_rounds"] = [round(float(x), 3) for x in ratios]
+            rows.extend(config)
+    rounds = f", then of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"{time.strftime('%Y-%m-%d')}, {rows[0]['device_name']}, batch {args.batch}, "
-          f"median of {args.reps} x {args.steps} steps")
+          f"median of {args.reps} x {args.steps} steps{rounds}")
     print(table(rows))
     for r in rows:
         if r.get("searched"):                              # kernels.search_slowest's report, per step

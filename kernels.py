@@ -140,10 +140,13 @@ class CLGraph(GraphRunner):
             arg_of_slot = {slot: i for i, (_, slot, _, _) in enumerate(rt.signature)}
             vals = prg.arg.vals(zero | device_vars)
             for i, (_, slot, dt, _) in enumerate(rt.signature):
-                a = bufs[globals_[slot]].get_buf(bufs[globals_[slot]].device) if slot < len(globals_) else \
-                    getattr(ctypes, f"c_int{dt.bitsize}")(vals[slot - len(globals_)])
+                if slot < len(globals_):
+                    a = (b := bufs[globals_[slot]]).get_buf(b.device)
+                else:
+                    a = getattr(ctypes, f"c_int{dt.bitsize}")(vals[slot - len(globals_)])
                 check(cl.clSetKernelArg(kernel, i, ctypes.sizeof(a), ctypes.byref(a)))
-            self.inputs.append([(arg_of_slot[globals_.index(p)], slot) for p, slot in self.uop_replace[j] if p in globals_])
+            self.inputs.append([(arg_of_slot[globals_.index(pos)], inp) for pos, inp in self.uop_replace[j]
+                                if pos in globals_])
             var_arg = [arg_of_slot[len(globals_) + i] for i in range(len(prg.arg.vars))]
             self.var_args.append([(i, getattr(ctypes, f"c_int{rt.signature[i][2].bitsize}")) for i in var_arg])
             self.launches.append([kernel, *self._sizes(*prg.arg.launch_dims(zero | device_vars))])
@@ -157,26 +160,27 @@ class CLGraph(GraphRunner):
 
     def __call__(self, input_uops: tuple[UOp, ...], var_vals: dict[str, int], wait: bool = False) -> float | None:
         for (kernel, *_), inputs in zip(self.launches, self.inputs):
-            for i, slot in inputs:
-                a = (b := input_uops[slot].buffer).get_buf(b.device)
+            for i, inp in inputs:
+                a = (b := input_uops[inp].buffer).get_buf(b.device)
                 check(cl.clSetKernelArg(kernel, i, ctypes.sizeof(a), ctypes.byref(a)))
         for j, i, v in self.updated_vars(var_vals):
             arg, ctype = self.var_args[j][i]
             check(cl.clSetKernelArg(self.launches[j][0], arg, ctypes.sizeof(a := ctype(v)), ctypes.byref(a)))
         for j, global_size, local_size in self.updated_launch_dims(var_vals):
             self.launches[j][1:] = self._sizes(global_size, local_size)
-        events = [cl.cl_event(), cl.cl_event()] if wait else [None, None]
-        last = len(self.launches) - 1
+        first, last = (cl.cl_event(), cl.cl_event()) if wait else (None, None)   # timed from first to last kernel
         for k, (kernel, dims, global_size, local_size) in enumerate(self.launches):
-            event = events[0] if k == 0 else events[1] if k == last else None
-            check(cl.clEnqueueNDRangeKernel(self.dev.queue, kernel, dims, None, global_size, local_size, 0, None, event))
+            event = last if k == len(self.launches) - 1 else first if k == 0 else None
+            check(cl.clEnqueueNDRangeKernel(self.dev.queue, kernel, dims, None, global_size, local_size, 0, None,
+                                            event))
         check(cl.clFlush(self.dev.queue))
         if not wait:
             return None
-        check(cl.clWaitForEvents(1, events[1]))
+        check(cl.clWaitForEvents(1, last))
         start, end = ctypes.c_uint64(), ctypes.c_uint64()
-        check(cl.clGetEventProfilingInfo(events[0], cl.CL_PROFILING_COMMAND_START, 8, ctypes.byref(start), None))
-        check(cl.clGetEventProfilingInfo(events[1], cl.CL_PROFILING_COMMAND_END, 8, ctypes.byref(end), None))
+        check(cl.clGetEventProfilingInfo(first if len(self.launches) > 1 else last, cl.CL_PROFILING_COMMAND_START, 8,
+                                         ctypes.byref(start), None))
+        check(cl.clGetEventProfilingInfo(last, cl.CL_PROFILING_COMMAND_END, 8, ctypes.byref(end), None))
         return (end.value - start.value) * 1e-9
 
     def __del__(self):

@@ -1236,7 +1236,8 @@ def test_torch_mirror_matches_our_models():
 def test_bench_rejects_bad_flags(capsys):
     import bench
     cases = [(["--size", "huge"], "--size huge: choose from"), (["--model", "gan"], "--model gan"),
-             (["--steps", "0"], "--steps must be >= 1"), (["--kernel-search", "-1"], "--kernel-search must be >= 0")]
+             (["--steps", "0"], "--steps must be >= 1"), (["--kernel-search", "-1"], "--kernel-search must be >= 0"),
+             (["--rounds", "0"], "--rounds must be >= 1")]
     assert_one_line_errors(bench.main, [(a, re.escape(m)) for a, m in cases], capsys)
     # a measuring process that fails (here: a device tinygrad does not have) ends in one line naming the settings
     assert bench.main(["--size", "tiny", "--model", "vlae", "--variant", "DEV=NOPE", "--steps", "1"]) == 1

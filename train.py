@@ -89,8 +89,19 @@ class Trainer:
             return stats
 
 
-def search_kernels(cfg: ModelConfig, batch_size: int, top: int) -> list:
-    """Kernel search on the `top` slowest kernels of this network's training step (kernels.search_slowest)."""
+def default_kernel_search() -> int:
+    """How many of the step's slowest kernels to search when --kernel-search is not given: none on OpenCL run by a
+    CPU (pocl), where the search kept 0 of 2 kernels at `medium` in two default runs (each searched kernel slower
+    than tinygrad's own in the step: 416 and 309 s for nothing), 0 of 3 at `paper`, and at `narrow` made the step no
+    faster (README, Performance); 2 elsewhere (the CPU backend's narrow step got 1.23x faster; GPUs: not measured
+    here, and where tinygrad's search is made for)."""
+    return 0 if Device.DEFAULT.split(":")[0] == "CL" and on_cpu(Device.DEFAULT) else 2
+
+
+def search_kernels(cfg: ModelConfig, batch_size: int, top: int | None) -> list:
+    """Kernel search on the `top` slowest kernels of this network's training step (kernels.search_slowest); None:
+    default_kernel_search()."""
+    top = default_kernel_search() if top is None else top
     return search_slowest(lambda: Trainer(build_model(cfg), lr=1e-3), (batch_size, *cfg.image_shape), top,
                           label=json.dumps(cfg.to_dict(), sort_keys=True))
 
@@ -256,8 +267,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, default=0, help="train on the first N training images (default 0 = all)")
     p.add_argument("--log-every", type=int, default=50,
                    help="steps between progress-bar updates and loss-log entries (default %(default)s; each syncs)")
-    p.add_argument("--kernel-search", type=int, default=2, metavar="N", help="tinygrad's kernel search (BEAM) on the "
-                   "N slowest kernels of the step, once per network and device (default %(default)s; 0: off)")
+    p.add_argument("--kernel-search", type=int, default=None, metavar="N", help="tinygrad's kernel search (BEAM) on "
+                   "the N slowest kernels of the step, once per network and device (default: 0 on OpenCL on a CPU, "
+                   "where it found nothing faster, 2 elsewhere; 0: off)")
     args = p.parse_args(argv)
     p.set_defaults(**{k: None for k in vars(args)})              # parsed again without defaults: what was given
     args.given = {k for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -294,7 +306,7 @@ def model_config(args, image_shape: tuple) -> ModelConfig:
 def check_args(args) -> None:
     for k, lowest in {"epochs": 1, "batch_size": 1, "kl_warmup": 0, "subset": 0, "log_every": 1,
                       "kernel_search": 0}.items():
-        if getattr(args, k) < lowest:
+        if getattr(args, k) is not None and getattr(args, k) < lowest:
             raise UserError(f"--{k.replace('_', '-')} must be >= {lowest} (got {getattr(args, k)})")
     for k in ("lr", "sigma_x"):
         if not getattr(args, k) > 0:
