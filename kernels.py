@@ -1,7 +1,7 @@
-"""tinygrad machinery, not the paper: the models' matrix products (matmul_nt, Linear), the models run jitted over
-numpy arrays at one batch size, compiled kernels kept between runs, kernel search on the slowest kernels of a
-training step, per-kernel timing, and which device is a CPU. Nothing here changes what is computed (up to float
-rounding), only how it runs and how fast.
+"""tinygrad machinery, not the paper: the models' matrix products (matmul_nt, Linear), every jit (jit: on OpenCL its
+kernels launched in one batch, CLGraph), the models run jitted over numpy arrays at one batch size, compiled
+kernels kept between runs, kernel search on the slowest kernels of a training step, per-kernel timing, and which
+device is a CPU. Nothing here changes what is computed (up to float rounding), only how it runs and how fast.
 
     from kernels import generate_images, load_programs
     load_programs()                                          # kernels compiled by earlier runs
@@ -128,7 +128,7 @@ class CLGraph(GraphRunner):
     def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] = ()):
         super().__init__(linear, input_uops)
         self.dev = Device[self.device]
-        self.launches = []       # (cl_kernel, work dims, global size, local size) per kernel
+        self.launches = []       # [cl_kernel, work dims, global size, local size] per kernel
         self.inputs = []         # [(argument index, input slot)] per kernel: the arguments set at each replay
         self.var_args = []       # [(argument index, its C type)] per variable of the program, per kernel
         self.kernels = []        # the cl_kernels, released with the graph
@@ -181,6 +181,8 @@ class CLGraph(GraphRunner):
         check(cl.clGetEventProfilingInfo(first if len(self.launches) > 1 else last, cl.CL_PROFILING_COMMAND_START, 8,
                                          ctypes.byref(start), None))
         check(cl.clGetEventProfilingInfo(last, cl.CL_PROFILING_COMMAND_END, 8, ctypes.byref(end), None))
+        for event in (first, last)[2 - min(len(self.launches), 2):]:
+            check(cl.clReleaseEvent(event))
         return (end.value - start.value) * 1e-9
 
     def __del__(self):
