@@ -120,8 +120,8 @@ class Classifier:
 
 def classify(clf: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """images (N, 1, 28, 28) -> (class probabilities (N, 10), features (N, 128))."""
-    jit = jitted(clf, "classify", lambda x: (clf(x).softmax().realize(), clf.features(x).realize()))
-    return batched(lambda xb: jit(xb[0]), [images.reshape(-1, 1, 28, 28)])
+    run = jitted(clf, "classify", lambda x: (clf(x).softmax().realize(), clf.features(x).realize()))
+    return batched(lambda xb: run(xb[0]), [images.reshape(-1, 1, 28, 28)])
 
 
 def train_classifier(ds: Dataset, epochs: int, seed: int = 0) -> tuple[Classifier, float]:
@@ -173,11 +173,11 @@ def load_classifier(path: Path, ds: Dataset, epochs: int) -> tuple[Classifier, f
 
 def log_weights(model, x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """x (N, C, H, W) -> log importance weights (N, k), log p(x, z_i) - log q(z_i | x), z_i ~ q(z | x)."""
-    jit = jitted(model, "log_weight", lambda x, *eps: model.log_weight(x, list(eps)).realize())
+    run = jitted(model, "log_weight", lambda x, *eps: model.log_weight(x, list(eps)).realize())
     out = np.empty((len(x), k), np.float32)
     for i in tqdm(range(k), desc=f"IW-{k}"):
         eps = [rng.standard_normal((len(x), d), dtype=np.float32) for d in model.cfg.latent_dims]
-        out[:, i] = batched(lambda a: jit(a[0], *a[1:]), [x, *eps])
+        out[:, i] = batched(lambda a: run(a[0], *a[1:]), [x, *eps])
     return out
 
 

@@ -270,14 +270,14 @@ def generate_images(model, eps: list[np.ndarray]) -> np.ndarray:
 
 def posterior_means(model, x: np.ndarray) -> list[np.ndarray]:
     """x (N, C, H, W) -> mu_l(x) (N, d_l) per layer (Eq. 13)."""
-    jit = jitted(model, "encode", lambda x: tuple(mu.realize() for mu, _ in model.encode(x)))
-    return list(batched(lambda xb: jit(xb[0]), [x]))
+    run = jitted(model, "encode", lambda x: tuple(mu.realize() for mu, _ in model.encode(x)))
+    return list(batched(lambda xb: run(xb[0]), [x]))
 
 
 def reconstruct(model, x: np.ndarray) -> np.ndarray:
     """x (N, C, H, W) -> the images decoded from the posterior means mu_l(x)."""
-    jit = jitted(model, "reconstruct", lambda x: model.decode([mu for mu, _ in model.encode(x)]).realize())
-    return batched(lambda xb: jit(xb[0]), [x])
+    run = jitted(model, "reconstruct", lambda x: model.decode([mu for mu, _ in model.encode(x)]).realize())
+    return batched(lambda xb: run(xb[0]), [x])
 
 
 def elbo_parts(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -287,8 +287,8 @@ def elbo_parts(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = model.elbo(x)
         recon_mean = model.decode([mu for mu, _ in model.encode(x)])
         return Tensor.stack(out.elbo, out.recon, *out.kl, dim=1).realize(), recon_mean.realize()
-    jit = jitted(model, "evaluate", parts)
-    return batched(lambda xb: jit(xb[0]), [x])
+    run = jitted(model, "evaluate", parts)
+    return batched(lambda xb: run(xb[0]), [x])
 
 
 def on_cpu(device: str) -> bool:
