@@ -352,7 +352,7 @@ def speed_main(sizes: list[str], models: list[str], args) -> int:
                 rounds = [[r["images_per_s"] for r in config]]
                 for k in range(1, args.rounds):         # each configuration again, in turn (this machine drifts)
                     print(f"round {k + 1} of {args.rounds}: {model} {size} ...", file=sys.stderr, flush=True)
-                    rounds.append([rerun()["images_per_s"] for rerun in again])
+                    rounds.append([measure_again()["images_per_s"] for measure_again in again])
             per_round = np.array(rounds)                                   # (rounds, configurations)
             for i, r in enumerate(config):
                 if args.rounds > 1:                                        # img/s and ms/step: over the rounds

@@ -130,7 +130,7 @@ class CLGraph(GraphRunner):
         self.dev = Device[self.device]
         self.launches = []       # [cl_kernel, work dims, global size, local size] per kernel
         self.inputs = []         # [(argument index, input slot)] per kernel: the arguments set at each replay
-        self.var_args = []       # [(argument index, its C type)] per variable of the program, per kernel
+        self.var_args = []       # {variable's index: (argument index, its C type)} per kernel
         self.kernels = []        # the cl_kernels, released with the graph
         zero = dict.fromkeys(self.vars, 0)
         for j, ((_, prg, bufs, device_vars), rt) in enumerate(zip(self.calls, self.runtimes)):
@@ -138,17 +138,18 @@ class CLGraph(GraphRunner):
             self.kernels.append(kernel)
             globals_ = list(prg.arg.globals)                          # the call's arguments the program reads
             arg_of_slot = {slot: i for i, (_, slot, _, _) in enumerate(rt.signature)}
-            vals = prg.arg.vals(zero | device_vars)
+            vals, var_args = prg.arg.vals(zero | device_vars), {}
             for i, (_, slot, dt, _) in enumerate(rt.signature):
                 if slot < len(globals_):
                     a = (b := bufs[globals_[slot]]).get_buf(b.device)
-                else:
-                    a = getattr(ctypes, f"c_int{dt.bitsize}")(vals[slot - len(globals_)])
+                else:                                                 # the program's variables follow its buffers
+                    ctype = getattr(ctypes, f"c_int{dt.bitsize}")
+                    var_args[slot - len(globals_)] = (i, ctype)
+                    a = ctype(vals[slot - len(globals_)])
                 check(cl.clSetKernelArg(kernel, i, ctypes.sizeof(a), ctypes.byref(a)))
             self.inputs.append([(arg_of_slot[globals_.index(pos)], inp) for pos, inp in self.uop_replace[j]
                                 if pos in globals_])
-            var_arg = [arg_of_slot[len(globals_) + i] for i in range(len(prg.arg.vars))]
-            self.var_args.append([(i, getattr(ctypes, f"c_int{rt.signature[i][2].bitsize}")) for i in var_arg])
+            self.var_args.append(var_args)
             self.launches.append([kernel, *self._sizes(*prg.arg.launch_dims(zero | device_vars))])
 
     @staticmethod
@@ -168,21 +169,23 @@ class CLGraph(GraphRunner):
             check(cl.clSetKernelArg(self.launches[j][0], arg, ctypes.sizeof(a := ctype(v)), ctypes.byref(a)))
         for j, global_size, local_size in self.updated_launch_dims(var_vals):
             self.launches[j][1:] = self._sizes(global_size, local_size)
+        n = len(self.launches)
         first, last = (cl.cl_event(), cl.cl_event()) if wait else (None, None)   # timed from first to last kernel
         for k, (kernel, dims, global_size, local_size) in enumerate(self.launches):
-            event = last if k == len(self.launches) - 1 else first if k == 0 else None
+            event = last if k == n - 1 else first if k == 0 else None
             check(cl.clEnqueueNDRangeKernel(self.dev.queue, kernel, dims, None, global_size, local_size, 0, None,
                                             event))
         check(cl.clFlush(self.dev.queue))
         if not wait:
             return None
+        started = first if n > 1 else last                             # one kernel: its own event
         check(cl.clWaitForEvents(1, last))
         start, end = ctypes.c_uint64(), ctypes.c_uint64()
-        check(cl.clGetEventProfilingInfo(first if len(self.launches) > 1 else last, cl.CL_PROFILING_COMMAND_START, 8,
-                                         ctypes.byref(start), None))
+        check(cl.clGetEventProfilingInfo(started, cl.CL_PROFILING_COMMAND_START, 8, ctypes.byref(start), None))
         check(cl.clGetEventProfilingInfo(last, cl.CL_PROFILING_COMMAND_END, 8, ctypes.byref(end), None))
-        for event in (first, last)[2 - min(len(self.launches), 2):]:
-            check(cl.clReleaseEvent(event))
+        check(cl.clReleaseEvent(last))
+        if n > 1:
+            check(cl.clReleaseEvent(first))
         return (end.value - start.value) * 1e-9
 
     def __del__(self):
