@@ -1,7 +1,8 @@
 """tinygrad machinery, not the paper: the models' matrix products (matmul_nt, Linear), every jit (jit: on OpenCL its
-kernels launched in one batch, CLGraph), the models run jitted over numpy arrays at one batch size, compiled
-kernels kept between runs, kernel search on the slowest kernels of a training step, per-kernel timing, and which
-device is a CPU. Nothing here changes what is computed (up to float rounding), only how it runs and how fast.
+kernels launched in one batch, CLGraph, and built in tinygrad's worker processes, build_ahead), the models run
+jitted over numpy arrays at one batch size, compiled kernels kept between runs, kernel search on the slowest kernels
+of a training step, per-kernel timing, and which device is a CPU. Nothing here changes what is computed (up to float
+rounding), only how it runs and how fast.
 
     from kernels import generate_images, load_programs
     load_programs()                                          # kernels compiled by earlier runs
@@ -14,15 +15,18 @@ from pathlib import Path
 # pocl (OpenCL on the CPU) prints "1 warning generated." for each kernel tinygrad compiles; -w silences its compiler
 os.environ.setdefault("POCL_EXTRA_BUILD_FLAGS", "-w")
 import numpy as np
-import tinygrad.codegen, tinygrad.schedule
+import tinygrad.codegen, tinygrad.engine.worker, tinygrad.schedule
 from tinygrad import Context, Device, Tensor, TinyJit, nn
 from tinygrad.function import function
 from tinygrad.codegen import do_to_program, to_program_key
 from tinygrad.engine.jit import GraphRunner
+from tinygrad.engine.worker import _init_worker
 from tinygrad.engine.realize import ExecContext, get_call_arg_uops, pm_exec
 from tinygrad.runtime.autogen import opencl as cl
-from tinygrad.runtime.ops_cl import check, checked
-from tinygrad.helpers import CACHEDB, CACHELEVEL, IMAGE, NOOPT, TRAINING, ContextVar
+from tinygrad.device import Compiler
+from tinygrad.renderer.cstyle import OpenCLRenderer
+from tinygrad.runtime.ops_cl import CLDevice, check, checked
+from tinygrad.helpers import CACHEDB, CACHELEVEL, IMAGE, NOOPT, PARALLEL, TRAINING, ContextVar
 from tinygrad.uop.ops import CallInfo, Ops, UOp
 
 
@@ -200,6 +204,42 @@ class CLGraph(GraphRunner):
             b.op is not Ops.PARAM and any(u.op is Ops.PARAM for u in b.toposort()) for b in get_call_arg_uops(new_call))
 
 
+class CLBuildAhead(Compiler):
+    """The OpenCL renderer's compiler in tinygrad's worker processes (build_ahead): it builds each kernel they lower
+    with the OpenCL driver, through tinygrad's own CLCompiler (so into its CACHEDB, under the key the main process
+    looks up), and passes the source on as the renderer's own compiler does. The main process then finds every
+    binary built, in parallel, where it used to build them one by one."""
+    def __init__(self, device: str):
+        super().__init__(None)
+        self.device, self.opened = device, None
+
+    def compile(self, src: str) -> bytes:
+        if self.opened is None:                                     # this worker's own context on the device
+            self.opened = CLDevice(self.device)
+        self.opened.cl_compiler.compile_cached(src)
+        return src.encode()
+
+
+def _init_build_worker() -> None:
+    """tinygrad's worker set-up, then CLBuildAhead as every OpenCL renderer's compiler in this worker."""
+    _init_worker()
+    OpenCLRenderer.compiler = CLBuildAhead(os.environ["VLAE_CL_BUILD_DEVICE"])
+
+
+def build_ahead() -> None:
+    """On OpenCL, build kernels in tinygrad's worker processes (PARALLEL), not in the main one. tinygrad lowers
+    kernels there, and then builds each OpenCL program in the main process, one after another, as it first runs
+    it (CLProgram); on pocl that was 69 of the 97 s of a cold narrow-VLAE warm-up, on one core (README,
+    Performance; builds in threads of one process do not overlap). The workers are tinygrad's, started with this
+    module's set-up in place of its own. Needs tinygrad's compile cache (CACHEDB), where the main process finds
+    the binaries; VLAE_CL_BUILD_AHEAD=0 turns it off."""
+    dev = Device[Device.DEFAULT]
+    if isinstance(dev, CLDevice) and dev.cl_compiler.cachekey is not None and PARALLEL.value > 0 \
+            and os.environ.get("VLAE_CL_BUILD_AHEAD", "1") != "0" and tinygrad.engine.worker.worker_pool is None:
+        os.environ["VLAE_CL_BUILD_DEVICE"] = Device.DEFAULT           # read by the workers, which inherit it
+        tinygrad.engine.worker._init_worker = _init_build_worker      # the pool is made on first use, with this
+
+
 def _kernel_name(kernel) -> bytes:
     size = ctypes.c_size_t()
     check(cl.clGetKernelInfo(kernel, cl.CL_KERNEL_FUNCTION_NAME, 0, None, ctypes.byref(size)))
@@ -335,8 +375,9 @@ def load_programs() -> None:
     the kernel it was made from. Before that, tinygrad splits the step's graph into kernels (its schedule), most of
     what is left of the warm-up; it keeps the schedule of each graph in memory (schedule_cache, keyed by the graph's
     structure), and here on disk too, per settings (README, Performance). An unreadable file is ignored (and
-    replaced)."""
+    replaced). Every script calls this first; on OpenCL it also sets up build_ahead."""
     CallInfo.__repr__ = _call_repr_by_name
+    build_ahead()
     if (path := program_cache_path()) is None or not path.exists():
         return
     try:

@@ -802,37 +802,47 @@ def test_opencl_backend_trains_saves_and_sweeps_like_the_cpu(tmp_path):
     assert sweep_cl.shape == sweep_cpu.shape and np.abs(sweep_cl - sweep_cpu).max() <= 2
 
 
-CL_GRAPH_PROBE = """
+CL_PROBE = """
 import json, sys
 import numpy as np
+import tinygrad.runtime.ops_cl as ops_cl
 from tinygrad import Tensor
 from tinygrad.uop.ops import Ops
 import kernels
+kernels.load_programs()                                   # as every script starts: installs kernels.build_ahead
+built, build = [], ops_cl.CLCompiler.compile              # programs built in this (the main) process
+ops_cl.CLCompiler.compile = lambda self, src: built.append(src) or build(self, src)
 rng = np.random.default_rng(0)
 w = Tensor(rng.standard_normal((16, 8), dtype=np.float32)).realize()
+built.clear()                                             # one kernel alone is lowered and built here
 f = kernels.jit(lambda x, y: ((x @ w).relu() * y + x.sum(axis=1, keepdim=True)).exp2().realize())
 xs = [rng.standard_normal((4, 16), dtype=np.float32) for _ in range(5)]
 ys = [rng.standard_normal((4, 8), dtype=np.float32) for _ in range(5)]
 outs = [f(Tensor(x), Tensor(y)).numpy() for x, y in zip(xs, ys)]     # new input buffers at every call
 want = [np.exp2(np.maximum(x @ w.numpy(), 0) * y + x.sum(1, keepdims=True)) for x, y in zip(xs, ys)]
 graphs = sum(c.src[0].op is Ops.CUSTOM_FUNCTION and c.src[0].arg == "graph" for c in f.captured.linear.src)
-print(json.dumps({"graphs": graphs, "kernels": len(kernels.step_calls(f)), "outs": [o.tolist() for o in outs],
+print(json.dumps({"graphs": graphs, "kernels": len(kernels.step_calls(f)), "built_here": len(built),
+                  "outs": [o.tolist() for o in outs],
                   "max_err": max(float(np.abs(o - t).max() / np.abs(t).max()) for o, t in zip(outs, want))}))
 """
 
 
-def test_cl_graph_replays_a_jit_as_tinygrad_does():
-    """kernels.CLGraph, the batched launch of a jit's kernels on OpenCL (the default there), against tinygrad's own
-    launches (VLAE_CL_GRAPH=0): the same numbers bit for bit, also when the jit's inputs are new buffers at every
-    call, and right against numpy."""
+def test_opencl_graph_and_build_ahead_compute_as_tinygrad_does(tmp_path):
+    """kernels.CLGraph (a jit's kernels launched in one batch) and kernels.build_ahead (kernels built by tinygrad's
+    worker processes), the defaults on OpenCL, against tinygrad's own launches and builds (VLAE_CL_GRAPH=0,
+    VLAE_CL_BUILD_AHEAD=0), each from empty caches: the same numbers bit for bit, also when the jit's inputs are new
+    buffers at every call, right against numpy; with build_ahead the main process builds none of the jit's kernels."""
     need_opencl()
     got = {}
-    for graph in ("1", "0"):
-        proc = subprocess.run([sys.executable, "-c", CL_GRAPH_PROBE], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, env=os.environ | {"DEV": "CL", "VLAE_CL_GRAPH": graph})
+    for on in ("1", "0"):
+        env = {"DEV": "CL", "VLAE_CL_GRAPH": on, "VLAE_CL_BUILD_AHEAD": on, "CACHEDB": str(tmp_path / on / "cache.db"),
+               "POCL_CACHE_DIR": str(tmp_path / on / "pocl")}
+        proc = subprocess.run([sys.executable, "-c", CL_PROBE], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, env=os.environ | env)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        got[graph] = json.loads(proc.stdout.strip().splitlines()[-1])
+        got[on] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["1"]["graphs"] == 1 and got["0"]["graphs"] == 0 and got["1"]["kernels"] == got["0"]["kernels"] > 1
+    assert got["1"]["built_here"] == 0 < got["0"]["built_here"]
     assert got["1"]["outs"] == got["0"]["outs"] and got["1"]["max_err"] < 1e-5
 
 
