@@ -223,6 +223,28 @@ def test_kernel_search_keeps_a_kernel_only_where_it_is_faster(monkeypatch):
                                                              found[4][1]]
 
 
+@pytest.mark.parametrize("searched_ms, kept", [(1.0, True), (6.0, False)])
+def test_kernel_search_keeps_kernels_only_where_the_whole_step_is_faster(monkeypatch, searched_ms, kept):
+    """kernels.keep_if_step_faster: two trainers, one captured with the searched programs in tinygrad's kernel cache
+    and one with the default ones, step in turn; the searched programs stay only if the step with them is faster
+    (a real search takes minutes: here a trainer's step sleeps as long as its programs take)."""
+    import tinygrad.codegen
+    from types import SimpleNamespace
+    cache = {}
+    monkeypatch.setattr(tinygrad.codegen, "to_program_cache", cache)
+    default, searched = SimpleNamespace(ms=3.0), SimpleNamespace(ms=searched_ms)
+    cache["key"] = searched                               # what keep_faster left there
+    class Trainer:                                        # as train.Trainer: the programs are fixed when it is made
+        def __init__(self): self.ms = cache["key"].ms
+        def step(self, x, beta):
+            time.sleep(self.ms / 1e3)
+            return SimpleNamespace(numpy=lambda: None)
+    report, with_them, without = kernels.keep_if_step_faster(Trainer, None, None, [("key", default, searched, 9, 1)],
+                                                            [("r_0", 9.0, 2.0, True)], reps=5)
+    assert report == [("r_0", 9.0, 2.0, kept)] and (with_them < without) == kept
+    assert cache["key"] is (searched if kept else default) and without >= 3e-3 and with_them >= searched_ms / 1e3
+
+
 @pytest.mark.parametrize("combiner", ["concat", "gated"])
 def test_gradients_reach_every_layer(combiner):
     model = tiny(combiner=combiner)
