@@ -9,7 +9,7 @@ rounding), only how it runs and how fast.
     images = generate_images(model, eps)                     # eps: numpy noise per layer (..., d_l) -> (..., C, H, W)
 """
 from __future__ import annotations
-import ctypes, importlib.metadata, json, os, pickle, re, sys, time
+import ctypes, importlib.metadata, json, math, os, pickle, re, sys, time
 from dataclasses import replace
 from pathlib import Path
 # pocl (OpenCL on the CPU) prints "1 warning generated." for each kernel tinygrad compiles; -w silences its compiler
@@ -61,10 +61,34 @@ def matmul_nt(a: Tensor, b: Tensor) -> Tensor:
     """a @ b.T, (M, K) x (N, K) -> (M, N). Every matrix product of the models (Linear, the convolutions' im2col
     products) goes through it. From MATMUL_NT_MIN multiply-adds on, with the backward pass of _matmul_nt_grad (the
     same gradients up to float rounding); below, autograd's, because there the copies cost more than they save: all
-    of the narrow network's products are below (its step took 16-20 % longer with them: README, Performance)."""
-    if a.shape[0] * a.shape[1] * b.shape[0] < MATMUL_NT_MIN:
-        return a @ b.T
-    return _matmul_nt(a, b)
+    of the narrow network's products are below (its step took 16-20 % longer with them: README, Performance).
+    Below, a long product with a small b (split_rows) gets b's gradient summed in two stages."""
+    if a.shape[0] * a.shape[1] * b.shape[0] >= MATMUL_NT_MIN:
+        return _matmul_nt(a, b)
+    if (chunks := split_rows(a.shape[0], b.shape[0] * b.shape[1])) > 1:
+        # the rows in `chunks` groups, each against its own (expanded) copy of b, whose gradient is written out
+        # (contiguous_backward): b's gradient is summed per group, then over the groups (a test checks the numbers)
+        (M, K), N = a.shape, b.shape[0]
+        w = b.reshape(1, N, K).expand(chunks, N, K).contiguous_backward()
+        return (a.reshape(chunks, M // chunks, K) @ w.transpose(1, 2)).reshape(M, N)
+    return a @ b.T
+
+
+SPLIT_MIN = 32      # rows per element of b from which its gradient is summed in two stages (split_rows)
+
+
+def split_rows(m: int, b_size: int) -> int:
+    """In how many groups of rows the gradient of a (m, K) @ b.T product with respect to b is summed first (1: not
+    split). b's gradient is one sum over the m rows per element of b; tinygrad makes it one kernel with one work
+    item per element, each summing m products in a row: with few elements and long sums, few work items to spread
+    over the cores and long serial loops. The narrow network's first convolution and last transposed convolution
+    have 256 weights each summed over 19600 rows (batch 100 x 14 x 14), `r_2_8_16_100_49_4`, 5.6 ms each at 3.5
+    GFLOP/s on OpenCL (README, Performance). Split from SPLIT_MIN rows per element on (there 76; at medium and paper
+    width the same layers have 1024 weights, 19 rows each: not split), into the largest divisor of m up to sqrt(m)
+    groups (140 for 19600), unless VLAE_SPLIT=0."""
+    if m < SPLIT_MIN * b_size or os.environ.get("VLAE_SPLIT", "1") == "0":
+        return 1
+    return max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
 
 
 _call_repr = CallInfo.__repr__

@@ -109,12 +109,15 @@ def test_elbo_parts_add_up():
     np.testing.assert_allclose(elbo, recon - kl.sum(0), rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("min_macs", [0, None])
-def test_matmul_layers_equal_tinygrads(min_macs, monkeypatch):
+@pytest.mark.parametrize("min_macs, split_min", [(0, None), (None, None), (None, 0)])
+def test_matmul_layers_equal_tinygrads(min_macs, split_min, monkeypatch):
     """Conv4x4s2 and ConvTranspose4x4s2 (im2col / matmul + overlap-add) give tinygrad's Conv2d and ConvTranspose2d
     outputs and gradients, with the same weights; so does kernels.Linear nn.Linear's, on an input that is a transposed
-    view. With min_macs=0 every product takes kernels.matmul_nt's own backward pass, else (these sizes) autograd's."""
+    view. With min_macs=0 every product takes kernels.matmul_nt's own backward pass, else (these sizes) autograd's;
+    with split_min=0 the convolutions' weight gradients are summed in groups of rows first (kernels.split_rows)."""
     if min_macs is not None: monkeypatch.setattr(kernels, "MATMUL_NT_MIN", min_macs)
+    if split_min is not None: monkeypatch.setattr(kernels, "SPLIT_MIN", split_min)
+    assert kernels.split_rows(24, 240) == (4 if split_min == 0 else 1) and kernels.split_rows(19600, 256) == 140
     rng = np.random.default_rng(0)
     normal = lambda *shape: Tensor(rng.standard_normal(shape, dtype=np.float32))
     cases = ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 8, 6), normal(2, 5, 4, 3)),
