@@ -74,7 +74,8 @@ def matmul_nt(a: Tensor, b: Tensor) -> Tensor:
     return a @ b.T
 
 
-SPLIT_MIN = 32      # rows per element of b from which its gradient is summed in two stages (split_rows)
+SPLIT_MIN = 32          # rows per element of b from which its gradient is summed in two stages (split_rows)
+SPLIT_MIN_MACS = 2 ** 21    # ... in a product of at least this many multiply-adds
 
 
 def split_rows(m: int, b_size: int) -> int:
@@ -84,9 +85,10 @@ def split_rows(m: int, b_size: int) -> int:
     over the cores and long serial loops. The narrow network's first convolution and last transposed convolution
     have 256 weights each summed over 19600 rows (batch 100 x 14 x 14), `r_2_8_16_100_49_4`, 5.6 ms each at 3.5
     GFLOP/s on OpenCL (README, Performance). Split from SPLIT_MIN rows per element on (there 76; at medium and paper
-    width the same layers have 1024 weights, 19 rows each: not split), into the largest divisor of m up to sqrt(m)
-    groups (140 for 19600), unless VLAE_SPLIT=0."""
-    if m < SPLIT_MIN * b_size or os.environ.get("VLAE_SPLIT", "1") == "0":
+    width the same layers have 1024 weights, 19 rows each: not split) and from SPLIT_MIN_MACS multiply-adds on (5.0
+    million there; the tests' tiny networks are below: split, they only took longer to compile), into the largest
+    divisor of m up to sqrt(m) groups (140 for 19600), unless VLAE_SPLIT=0."""
+    if m < SPLIT_MIN * b_size or m * b_size < SPLIT_MIN_MACS or os.environ.get("VLAE_SPLIT", "1") == "0":
         return 1
     return max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0)
 
