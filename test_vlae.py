@@ -116,8 +116,9 @@ def test_matmul_layers_equal_tinygrads(min_macs, split_min, monkeypatch):
     view. With min_macs=0 every product takes kernels.matmul_nt's own backward pass, else (these sizes) autograd's;
     with split_min=0 the convolutions' weight gradients are summed in groups of rows first (kernels.split_rows)."""
     if min_macs is not None: monkeypatch.setattr(kernels, "MATMUL_NT_MIN", min_macs)
-    if split_min is not None: monkeypatch.setattr(kernels, "SPLIT_MIN", split_min)
-    if split_min is not None: monkeypatch.setattr(kernels, "SPLIT_MIN_MACS", split_min)
+    if split_min is not None:                             # both of split_rows' thresholds
+        monkeypatch.setattr(kernels, "SPLIT_MIN", split_min)
+        monkeypatch.setattr(kernels, "SPLIT_MIN_MACS", split_min)
     # narrow's first conv (256 weights over 19600 rows) is split, medium's (1024 weights) is not
     assert kernels.split_rows(24, 240) == (4 if split_min == 0 else 1) and kernels.split_rows(19600, 256) == 140
     assert kernels.split_rows(19600, 1024) == (140 if split_min == 0 else 1)
