@@ -114,7 +114,9 @@ def test_matmul_layers_equal_tinygrads(min_macs, split_min, monkeypatch):
     """Conv4x4s2 and ConvTranspose4x4s2 (im2col / matmul + overlap-add) give tinygrad's Conv2d and ConvTranspose2d
     outputs and gradients, with the same weights; so does kernels.Linear nn.Linear's, on an input that is a transposed
     view. With min_macs=0 every product takes kernels.matmul_nt's own backward pass, else (these sizes) autograd's;
-    with split_min=0 the convolutions' weight gradients are summed in groups of rows first (kernels.split_rows)."""
+    with split_min=0 the convolutions' weight gradients are summed in groups of rows first (kernels.split_rows). The
+    transposed convolution writes its patches' gradient out (write_patch_grad, the layers a BatchNorm follows) in the
+    first two cases and leaves it lazy (the image layer) in the third."""
     if min_macs is not None: monkeypatch.setattr(kernels, "MATMUL_NT_MIN", min_macs)
     if split_min is not None:                             # both of split_rows' thresholds
         monkeypatch.setattr(kernels, "SPLIT_MIN", split_min)
@@ -125,7 +127,7 @@ def test_matmul_layers_equal_tinygrads(min_macs, split_min, monkeypatch):
     rng = np.random.default_rng(0)
     normal = lambda *shape: Tensor(rng.standard_normal(shape, dtype=np.float32))
     cases = ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 8, 6), normal(2, 5, 4, 3)),
-             (vlae.ConvTranspose4x4s2(3, 5), nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 4, 3),
+             (vlae.ConvTranspose4x4s2(3, 5, write_patch_grad=split_min is None), nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 4, 3),
               normal(2, 5, 8, 6)),
              (kernels.Linear(6, 4), nn.Linear(6, 4), normal(6, 7).T, normal(7, 4)))
     for ours, ref, x, up in cases:

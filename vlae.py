@@ -85,10 +85,15 @@ def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
 class Conv4x4s2(nn.Conv2d):
     """nn.Conv2d(c_in, c_out, 4, stride=2, padding=1): the same weights and outputs, computed as one matrix product.
     tinygrad differentiates a strided convolution into a dilated one, several times slower than a matmul on a CPU;
-    gathering each output's 4x4 input window first (im2col) makes the forward and backward passes matmuls."""
+    gathering each output's 4x4 input window first (im2col) makes the forward and backward passes matmuls.
+    The gradient with respect to x (the patches' gradient added back onto the pixels they came from) is written out
+    once (contiguous_backward): left lazy, each of its readers (the BatchNorm below's two sums and its input
+    gradient, the leaky ReLU's mask) recomputes that gather inside its own loop (the narrow step: 4 such sums, 4.0
+    of 75 ms, README Performance)."""
     def __init__(self, c_in: int, c_out: int): super().__init__(c_in, c_out, 4, stride=2, padding=1)
 
     def __call__(self, x: Tensor) -> Tensor:
+        x = x.contiguous_backward()
         B, C, H, W = x.shape
         h, w = H // 2, W // 2
         # the padded input in 2x2 cells: cells[b, c, i, r, j, s] = x_pad[b, c, 2i + r, 2j + s]
@@ -104,14 +109,23 @@ class Conv4x4s2(nn.Conv2d):
 class ConvTranspose4x4s2(nn.ConvTranspose2d):
     """nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1): the same weights and outputs, computed as one matrix
     product and an overlap-add. tinygrad's own transposed convolution convolves an input with zeros inserted between
-    its pixels, so 3 of every 4 multiply-adds are with zeros."""
-    def __init__(self, c_in: int, c_out: int): super().__init__(c_in, c_out, 4, stride=2, padding=1)
+    its pixels, so 3 of every 4 multiply-adds are with zeros.
+    write_patch_grad: the patches' gradient is written out before the product's backward pass reads it. It is a
+    gather from the output's gradient, here a BatchNorm's backward; left lazy, the two backward products read each
+    element c_in or more times and recompute it each time inside their loops (the narrow decoder's first layer:
+    5.5 of 75 ms). conv_decoder sets it where a BatchNorm follows; for the image layer it paid nothing (medium width,
+    paired timings; README Performance). From MATMUL_NT_MIN on, matmul_nt's backward writes it out anyway."""
+    def __init__(self, c_in: int, c_out: int, write_patch_grad: bool = False):
+        super().__init__(c_in, c_out, 4, stride=2, padding=1)
+        self.write_patch_grad = write_patch_grad
 
     def __call__(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         # every input pixel (i, j) spreads a 4x4 patch:
         # patch[b, i, j, o, q, r, t, s] = sum_c x[b, c, i, j] * weight[c, o, 2q + r, 2t + s]
         patch = matmul_nt(x.permute(0, 2, 3, 1).reshape(B * H * W, C), self.weight.reshape(C, -1).T)
+        if self.write_patch_grad:
+            patch = patch.contiguous_backward()
         patch = patch.reshape(B, H, W, -1, 2, 2, 2, 2)
         # ... onto rows 2(i + q) + r and columns 2(j + t) + s of the (2H + 2, 2W + 2) output before cropping: the
         # q = 1 (t = 1) quarter lands one 2x2 cell further down (right), so the overlap-add is 4 shifted sums
@@ -144,8 +158,9 @@ def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
     outs = list(reversed(channels[:-1])) + [c_img]
     c_in = c0
     for i, c in enumerate(outs):
-        layers.append(ConvTranspose4x4s2(c_in, c))
-        if i < len(outs) - 1:
+        batchnorm_follows = i < len(outs) - 1
+        layers.append(ConvTranspose4x4s2(c_in, c, write_patch_grad=batchnorm_follows))
+        if batchnorm_follows:
             layers += [BatchNorm(c), relu]
         c_in = c
     return layers
@@ -161,8 +176,13 @@ class GaussianHead:
 
 
 def reparameterize(mu: Tensor, sigma: Tensor, eps: Tensor | None = None) -> Tensor:
-    """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2013): a sample that gradients flow through."""
-    return mu + sigma * (Tensor.randn(*mu.shape) if eps is None else eps)
+    """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2013): a sample that gradients flow through.
+    A sample drawn here is written out (contiguous): the products that read z (the next dense layer, its weight
+    gradient) would otherwise redo the draw, tinygrad's Box-Muller transform of counter-based random bits, for
+    every element they read (the narrow step: 3 kernels, 2.3 of 75 ms). The same numbers either way."""
+    if eps is None:
+        return (mu + sigma * Tensor.randn(*mu.shape)).contiguous()
+    return mu + sigma * eps
 
 
 def gaussian_kl(mu: Tensor, sigma: Tensor) -> Tensor:
