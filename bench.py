@@ -155,6 +155,18 @@ def profile_step(size: str, model_name: str, batch: int, reps: int, top: int, ke
             "by_kind": by_kind, "top": sorted(kernels, key=lambda k: -k["ms"])[:top]}
 
 
+def serve(size: str, model_name: str, batch: int, kernel_search: int | None) -> None:
+    """bench.py --paired, in the measuring process: the training step set up and warmed up once; then for each line
+    n read from stdin, n steps timed (timed()), and a line with the seconds per step. Ends at the end of its input."""
+    trainer, x, beta, _, _ = trainer_for(size, model_name, batch, kernel_search)
+    step = lambda: trainer.step(x, beta)
+    for _ in range(3): step().numpy()
+    from tinygrad import Device
+    print(json.dumps({"device": Device.DEFAULT, "device_name": device_name(Device.DEFAULT)}), flush=True)
+    for line in sys.stdin:
+        print(timed(step, int(line)), flush=True)
+
+
 class ChildFailed(Exception): pass
 
 
@@ -231,6 +243,89 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class Server:
+    """A measuring process of --paired (serve() here, or torch_mirror.py's): started once, asked for n timed steps
+    at a time; it waits, idle, on its input in between."""
+    def __init__(self, argv: list[str], env: dict, what: str):
+        self.what = what
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.info = json.loads(self.read())
+
+    def read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            last = (self.proc.stderr.read().strip().splitlines() or ["no output"])[-1]
+            raise ChildFailed(f"measuring {self.what} failed: {last}")
+        return line
+
+    def steps(self, n: int) -> float:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return float(self.read())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def paired_main(sizes: list[str], models: list[str], args) -> int:
+    """bench.py --paired N: tinygrad and PyTorch, each in one long-lived process, timed in turn N times (--steps
+    steps each, the order alternating), so that the machine's drift, which moves PyTorch's step by up to 80 %% over
+    minutes here (README, Performance), falls on both sides of each ratio. Reports each side's median step and the
+    median and quartiles of the N ratios (kernel caches of earlier runs are used; the warm-up is not timed)."""
+    rows = []
+    for size in sizes:
+        for model in models:
+            for variant in args.variant or [""]:
+                settings, extra = parse_variant(variant)
+                env = os.environ | settings
+                print(f"pairing {model} {size} {variant} with PyTorch ...", file=sys.stderr, flush=True)
+                common = ["--size", size, "--model", model, "--batch", str(args.batch)]
+                ours = Server([sys.executable, str(ROOT / "bench.py"), "--child", "--serve", *common,
+                               *search_flag(args), *extra], env, f"{model} {size} {variant}")
+                try:
+                    theirs = Server([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), "--serve", *common],
+                                    os.environ.copy(), f"{model} {size} in PyTorch")
+                except ChildFailed:
+                    ours.close()
+                    raise
+                t_ours, t_theirs = [], []
+                for i in range(args.paired):
+                    pair = (ours, theirs) if i % 2 == 0 else (theirs, ours)
+                    secs = {id(srv): srv.steps(args.steps) for srv in pair}
+                    t_ours.append(secs[id(ours)])
+                    t_theirs.append(secs[id(theirs)])
+                ours.close()
+                theirs.close()
+                ratios = np.array(t_theirs) / np.array(t_ours)           # our speed as a share of PyTorch's
+                rows.append({"size": size, "model": model, "variant": variant, "device": ours.info["device"],
+                             "device_name": ours.info["device_name"], "torch": theirs.info, "pairs": args.paired,
+                             "steps": args.steps, "ms_per_step": round(1e3 * float(np.median(t_ours)), 1),
+                             "torch_ms_per_step": round(1e3 * float(np.median(t_theirs)), 1),
+                             "vs_torch": round(float(np.median(ratios)), 3),
+                             "vs_torch_quartiles": [round(float(q), 3) for q in np.percentile(ratios, [25, 75])],
+                             "vs_torch_pairs": [round(float(r), 3) for r in ratios],
+                             "ms_pairs": [[round(1e3 * a, 1), round(1e3 * b, 1)] for a, b in zip(t_ours, t_theirs)]})
+                print(paired_table(rows[-1:]), file=sys.stderr)
+    print(f"{time.strftime('%Y-%m-%d')}, {rows[0]['device_name']}, batch {args.batch}, {args.paired} pairs of "
+          f"{args.steps} steps, tinygrad and PyTorch in turn")
+    print(paired_table(rows))
+    if args.json: Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+def paired_table(rows: list[dict]) -> str:
+    lines = ["| size | model | settings | tinygrad ms/step | PyTorch ms/step | vs PyTorch, median (quartiles) | "
+             "pairs below 0.5x |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q1, q3 = r["vs_torch_quartiles"]
+        below = sum(x < 0.5 for x in r["vs_torch_pairs"])
+        lines.append(f"| {r['size']} | {r['model']} | {r['variant'] or 'DEV=' + r['device']} | {r['ms_per_step']} | "
+                     f"{r['torch_ms_per_step']} | {r['vs_torch']:.2f}x ({q1:.2f}-{q3:.2f}) | {below} of {r['pairs']} |")
+    return "\n".join(lines)
+
+
 def profile_main(sizes: list[str], models: list[str], args) -> int:
     """bench.py --profile: one child process per configuration (the kernel cache of earlier runs is used)."""
     profiles = []
@@ -283,6 +378,10 @@ def main(argv=None) -> int:
                    help="time each configuration (every variant, and PyTorch) this many times in turn, in new "
                         "processes, and report the median of each and of the ratios within a round: the same "
                         "computation drifts by 20-30 %% over minutes on a shared machine")
+    p.add_argument("--paired", type=int, default=0, metavar="N",
+                   help="instead of the speed table: tinygrad and the PyTorch mirror (needs torch), each in one "
+                        "long-lived process, timed in turn N times, --steps steps each; the median and quartiles "
+                        "of the N ratios")
     p.add_argument("--variant", action="append", default=None, metavar="SETTINGS",
                    help="time each configuration under each of these settings (repeatable): tinygrad environment "
                         "variables and measuring flags, e.g. --variant DEV=CPU --variant DEV=CL --variant "
@@ -298,9 +397,10 @@ def main(argv=None) -> int:
                         "(with --torch, also PyTorch's N slowest operators)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for flag in ("batch", "steps", "reps", "rounds", "profile", "kernel_search"):
-        least = 0 if flag in ("profile", "kernel_search") else 1
+    for flag in ("batch", "steps", "reps", "rounds", "profile", "kernel_search", "paired"):
+        least = 0 if flag in ("profile", "kernel_search", "paired") else 1
         if getattr(args, flag) is not None and getattr(args, flag) < least:
             print(f"error: --{flag.replace('_', '-')} must be >= {least} (got {getattr(args, flag)})", file=sys.stderr)
             return 2
@@ -313,18 +413,22 @@ def main(argv=None) -> int:
             return 2
     if args.child:
         if args.tinygrad_conv: use_tinygrad_conv()
-        if args.profile:
+        if args.serve:
+            serve(args.size, args.model, args.batch, args.kernel_search)
+        elif args.profile:
             print(json.dumps(profile_step(args.size, args.model, args.batch, args.reps, args.profile,
                                           args.kernel_search)))
         else: print(json.dumps(measure(args.size, args.model, args.batch, args.steps, args.reps, args.kernel_search)))
         return 0
-    if args.torch:
+    if args.torch or args.paired:
         try: import torch  # noqa: F401
         except ImportError:
-            print("error: --torch needs PyTorch (pip install torch); it is not a requirement of this project",
+            print(f"error: {'--paired' if args.paired else '--torch'} needs PyTorch (pip install torch); it is not a "
+                  "requirement of this project",
                   file=sys.stderr)
             return 2
     try:
+        if args.paired: return paired_main(sizes, models, args)
         return profile_main(sizes, models, args) if args.profile else speed_main(sizes, models, args)
     except ChildFailed as e:
         print(f"error: {e}", file=sys.stderr)

@@ -242,6 +242,23 @@ def bench(model_name: str, size: str, batch: int = 100, steps: int = 20, warmup:
             "params": n_params(model)}
 
 
+def serve(model_name: str, size: str, batch: int = 100, warmup: int = 3, threads: int | None = None) -> None:
+    """bench.py --paired: the training step of bench(), set up once; then for each line n read from stdin, n steps
+    timed, and a line with the seconds per step. Ends at the end of its input."""
+    if threads: torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig(model=model_name, size=size)
+    model = build(cfg).train()
+    x = torch.from_numpy(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32))
+    train_step = adam_step(model, x)
+    for _ in range(warmup): train_step()
+    print(json.dumps({"framework": "torch " + torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        t = time.perf_counter()
+        for _ in range(int(line)): train_step()
+        print((time.perf_counter() - t) / int(line), flush=True)
+
+
 def train_torch(cfg: ModelConfig, train_x: np.ndarray, train_y: np.ndarray, *, lr: float, kl_warmup: int,
                 seed: int, epochs: int, batch_size: int = 100, threads: int = 1, on_epoch=None) -> nn.Module:
     """train.py's loop in PyTorch: Adam(lr), loss = sum_l beta * KL_l - recon (Eq. 14 with the warm-up weight beta =
@@ -291,6 +308,8 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead of timing, print torch.profiler's N operators with the most self time per step")
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)   # bench.py --paired
     a = ap.parse_args()
-    if a.profile: print(json.dumps(profile(a.model, a.size, a.batch, a.steps, a.profile, a.threads)))
+    if a.serve: serve(a.model, a.size, a.batch, a.warmup, a.threads)
+    elif a.profile: print(json.dumps(profile(a.model, a.size, a.batch, a.steps, a.profile, a.threads)))
     else: print(json.dumps(bench(a.model, a.size, a.batch, a.steps, a.warmup, a.reps, a.threads, a.device)))
