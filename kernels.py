@@ -383,7 +383,8 @@ def program_cache_path() -> Path | None:
     return Path(CACHEDB).parent / f"vlae-programs-tinygrad-{importlib.metadata.version('tinygrad')}.pkl"
 
 
-_saved = {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {}}   # what the file held when read
+_saved = {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {},    # what the file held when read
+          "stat": None}                 # its (mtime, size) and the settings when this process last read or wrote it
 
 
 def settings() -> str:
@@ -401,13 +402,18 @@ def load_programs() -> None:
     the kernel it was made from. Before that, tinygrad splits the step's graph into kernels (its schedule), most of
     what is left of the warm-up; it keeps the schedule of each graph in memory (schedule_cache, keyed by the graph's
     structure), and here on disk too, per settings (README, Performance). An unreadable file is ignored (and
-    replaced). Every script calls this first; on OpenCL it also sets up build_ahead."""
+    replaced). Every script calls this first; on OpenCL it also sets up build_ahead. A file this process has read
+    or written already under the same settings, unchanged since, is not read again (its kernels are in memory: the
+    tests call the scripts' main() over and over, and the file grows to megabytes: 1 s a read here at 12 MB)."""
     CallInfo.__repr__ = _call_repr_by_name
     build_ahead()
     if (path := program_cache_path()) is None or not path.exists():
         return
     try:
+        if (_file_stat(path), settings()) == _saved["stat"]:
+            return
         with open(path, "rb") as f:
+            stat = _file_stat(f.fileno())                      # of the file being read
             saved = pickle.load(f)
         if "programs" not in saved:
             saved = {"programs": saved}                         # the format before search and schedules
@@ -421,6 +427,12 @@ def load_programs() -> None:
     schedule_cache.update(schedules.pop(settings(), {}))
     _saved["programs"], _saved["schedules"] = len(program_cache), len(schedule_cache)
     _saved["searched"], _saved["other_settings"] = _saved["searched"] | searched, schedules
+    _saved["stat"] = stat, settings()
+
+
+def _file_stat(file: Path | int) -> tuple[int, int]:
+    st = os.stat(file)
+    return st.st_mtime_ns, st.st_size
 
 
 def save_programs() -> None:
@@ -440,6 +452,7 @@ def save_programs() -> None:
                         protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
         _saved["programs"], _saved["schedules"], _saved["dirty"] = len(programs), len(schedules), False
+        _saved["stat"] = _file_stat(path), settings()
     except (OSError, pickle.PicklingError):
         tmp.unlink(missing_ok=True)
 
