@@ -127,8 +127,8 @@ def test_matmul_layers_equal_tinygrads(min_macs, split_min, monkeypatch):
     rng = np.random.default_rng(0)
     normal = lambda *shape: Tensor(rng.standard_normal(shape, dtype=np.float32))
     cases = ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 8, 6), normal(2, 5, 4, 3)),
-             (vlae.ConvTranspose4x4s2(3, 5, write_patch_grad=split_min is None), nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 4, 3),
-              normal(2, 5, 8, 6)),
+             (vlae.ConvTranspose4x4s2(3, 5, write_patch_grad=split_min is None),
+              nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 4, 3), normal(2, 5, 8, 6)),
              (kernels.Linear(6, 4), nn.Linear(6, 4), normal(6, 7).T, normal(7, 4)))
     for ours, ref, x, up in cases:
         ref.weight, ref.bias = ours.weight, ours.bias
@@ -175,7 +175,8 @@ def test_program_cache_round_trip(tmp_path, monkeypatch, capsys):
 
 def program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules):
     import tinygrad.codegen
-    monkeypatch.setattr(kernels, "_saved", {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {}})
+    monkeypatch.setattr(kernels, "_saved", {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {},
+                                            "stat": None})
     x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
     np.testing.assert_allclose((x * 3 + 1).sum(axis=1).numpy(), [22, 70, 118])
     kernels.save_programs()
@@ -185,6 +186,9 @@ def program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules):
     assert len(saved) > 0
     tinygrad.codegen.to_program_cache.clear()
     schedules.clear()
+    kernels.load_programs()                     # the file this process wrote, unchanged: not read again
+    assert len(tinygrad.codegen.to_program_cache) == 0 and len(schedules) == 0
+    kernels._saved["stat"] = None                                       # from here on, as a new process
     monkeypatch.setenv("BEAM", "3")                                     # other settings: their own schedules
     kernels.load_programs()
     assert len(tinygrad.codegen.to_program_cache) > 0 and len(schedules) == 0
@@ -1278,7 +1282,7 @@ def test_bench_rejects_bad_flags(capsys):
     import bench
     cases = [(["--size", "huge"], "--size huge: choose from"), (["--model", "gan"], "--model gan"),
              (["--steps", "0"], "--steps must be >= 1"), (["--kernel-search", "-1"], "--kernel-search must be >= 0"),
-             (["--rounds", "0"], "--rounds must be >= 1")]
+             (["--rounds", "0"], "--rounds must be >= 1"), (["--paired", "-1"], "--paired must be >= 0")]
     assert_one_line_errors(bench.main, [(a, re.escape(m)) for a, m in cases], capsys)
     # a measuring process that fails (here: a device tinygrad does not have) ends in one line naming the settings
     assert bench.main(["--size", "tiny", "--model", "vlae", "--variant", "DEV=NOPE", "--steps", "1"]) == 1
