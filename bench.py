@@ -81,7 +81,7 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     step = lambda: trainer.step(x, beta)
 
     t0 = time.perf_counter()
-    for _ in range(3): step().numpy()                  # 1: runs and compiles, 2: captures the jit, 3: first replay
+    for _ in range(3): step().numpy()                  # 1: compiles, captures and runs the jit, 2-3: replays
     warmup = time.perf_counter() - t0
 
     GlobalCounters.reset()

@@ -482,8 +482,8 @@ def kernel_times(tjit: TinyJit, inputs: tuple[Tensor, ...], reps: int = 2) -> li
 
 def step_program_times(make_trainer, x: Tensor, beta: Tensor) -> dict[int, list]:
     """{id(program): [seconds per step, calls per step, program]} for the kernels of a fresh trainer's training step
-    (make_trainer()), after three steps (compile, capture, replay), each kernel timed as kernel_times does; its
-    weights are updated."""
+    (make_trainer()), after three steps (the first compiles and captures, then replays), each kernel timed as
+    kernel_times does; its weights are updated."""
     trainer = make_trainer()
     for _ in range(3):
         trainer.step(x, beta).numpy()
@@ -525,7 +525,7 @@ def keep_if_step_faster(make_trainer, x: Tensor, beta: Tensor, found: list, repo
         for key, prg, *_ in found:
             cache[key] = chosen[key] if searched else prg
         trainers[searched] = make_trainer()
-        for _ in range(3):                                          # compile, capture, replay
+        for _ in range(3):                                          # compile and capture, replay
             trainers[searched].step(x, beta).numpy()
     times: dict[bool, list] = {True: [], False: []}
     for _ in range(reps):

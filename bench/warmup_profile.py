@@ -1,7 +1,7 @@
-"""Where the JIT warm-up goes: the set-up and first three training steps of a fresh process (compile, capture, first
-replay), timed and profiled with cProfile, or (--phases) timed by phase without the profiler. Run it twice: the
-first run fills the caches (tinygrad's CACHEDB and ours beside it, kernels.load_programs), the second shows the
-cached warm-up.
+"""Where the JIT warm-up goes: the set-up and first three training steps of a fresh process (the first compiles and
+captures the jit, then two replays), timed and profiled with cProfile, or (--phases) timed by phase without the
+profiler. Run it twice: the first run fills the caches (tinygrad's CACHEDB and ours beside it,
+kernels.load_programs), the second shows the cached warm-up.
 
     DEV=CPU python bench/warmup_profile.py --size narrow --model vlae           # prints step times and the top calls
     DEV=CPU VLAE_PROGRAM_CACHE=0 python bench/warmup_profile.py                 # without our kernel/schedule cache
@@ -58,8 +58,8 @@ for _ in range(3):
 profile.disable()
 save_programs()
 total = setup + sum(steps)
-print(f"{args.model} {args.size}: caches loaded and trainer built in {setup:.2f} s; steps 1-3 (compile, capture, "
-      f"replay) {' / '.join(f'{s:.2f}' for s in steps)} s{'' if args.phases else ' under cProfile'}, "
+print(f"{args.model} {args.size}: caches loaded and trainer built in {setup:.2f} s; steps 1-3 (compile and capture, "
+      f"replay, replay) {' / '.join(f'{s:.2f}' for s in steps)} s{'' if args.phases else ' under cProfile'}, "
       f"{total:.2f} s in all")
 if args.phases:
     for phase in phases:
