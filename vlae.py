@@ -113,8 +113,9 @@ class ConvTranspose4x4s2(nn.ConvTranspose2d):
     write_patch_grad: the patches' gradient is written out before the product's backward pass reads it. It is a
     gather from the output's gradient, here a BatchNorm's backward; left lazy, the two backward products read each
     element c_in or more times and recompute it each time inside their loops (the narrow decoder's first layer:
-    5.5 of 75 ms). conv_decoder sets it where a BatchNorm follows; for the image layer it paid nothing (medium width,
-    paired timings; README Performance). From MATMUL_NT_MIN on, matmul_nt's backward writes it out anyway."""
+    5.5 of 75 ms). conv_decoder sets it where a BatchNorm follows; for the image layer it paid nothing at narrow or
+    medium width and would change medium's rounding, so the default run's numbers (README Performance). From
+    MATMUL_NT_MIN on, matmul_nt's backward writes it out anyway."""
     def __init__(self, c_in: int, c_out: int, write_patch_grad: bool = False):
         super().__init__(c_in, c_out, 4, stride=2, padding=1)
         self.write_patch_grad = write_patch_grad
