@@ -264,14 +264,16 @@ class Server:
         self.proc.stdin.flush()
         return float(self.read())
 
-    def close(self) -> None:
+    def __enter__(self): return self
+
+    def __exit__(self, *exc) -> None:                       # end of input: it exits
         self.proc.stdin.close()
         self.proc.wait()
 
 
 def paired_main(sizes: list[str], models: list[str], args) -> int:
     """bench.py --paired N: tinygrad and PyTorch, each in one long-lived process, timed in turn N times (--steps
-    steps each, the order alternating), so that the machine's drift, which moves PyTorch's step by up to 80 %% over
+    steps each, the order alternating), so that the machine's drift, which moves PyTorch's step by up to 80 % over
     minutes here (README, Performance), falls on both sides of each ratio. Reports each side's median step and the
     median and quartiles of the N ratios (kernel caches of earlier runs are used; the warm-up is not timed)."""
     rows = []
@@ -282,22 +284,15 @@ def paired_main(sizes: list[str], models: list[str], args) -> int:
                 env = os.environ | settings
                 print(f"pairing {model} {size} {variant} with PyTorch ...", file=sys.stderr, flush=True)
                 common = ["--size", size, "--model", model, "--batch", str(args.batch)]
-                ours = Server([sys.executable, str(ROOT / "bench.py"), "--child", "--serve", *common,
-                               *search_flag(args), *extra], env, f"{model} {size} {variant}")
-                try:
-                    theirs = Server([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), "--serve", *common],
-                                    os.environ.copy(), f"{model} {size} in PyTorch")
-                except ChildFailed:
-                    ours.close()
-                    raise
                 t_ours, t_theirs = [], []
-                for i in range(args.paired):
-                    pair = (ours, theirs) if i % 2 == 0 else (theirs, ours)
-                    secs = {id(srv): srv.steps(args.steps) for srv in pair}
-                    t_ours.append(secs[id(ours)])
-                    t_theirs.append(secs[id(theirs)])
-                ours.close()
-                theirs.close()
+                with Server([sys.executable, str(ROOT / "bench.py"), "--child", "--serve", *common,
+                             *search_flag(args), *extra], env, f"{model} {size} {variant}") as ours, \
+                        Server([sys.executable, str(ROOT / "bench" / "torch_mirror.py"), "--serve", *common],
+                               os.environ.copy(), f"{model} {size} in PyTorch") as theirs:
+                    pair = ((ours, t_ours), (theirs, t_theirs))
+                    for i in range(args.paired):                # the order alternates
+                        for srv, times in pair if i % 2 == 0 else reversed(pair):
+                            times.append(srv.steps(args.steps))
                 ratios = np.array(t_theirs) / np.array(t_ours)           # our speed as a share of PyTorch's
                 rows.append({"size": size, "model": model, "variant": variant, "device": ours.info["device"],
                              "device_name": ours.info["device_name"], "torch": theirs.info, "pairs": args.paired,

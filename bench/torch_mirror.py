@@ -185,17 +185,23 @@ def adam_step(model: nn.Module, x: torch.Tensor):
     return train_step
 
 
+def fixed_batch_step(model_name: str, size: str, batch: int, threads: int | None = None, device: str = "cpu"):
+    """What bench(), profile() and serve() time: a seeded model in train mode and its Adam step (adam_step) on one
+    fixed random batch. Returns (cfg, model, train_step)."""
+    if threads: torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig(model=model_name, size=size)
+    model = build(cfg).to(device).train()
+    x = torch.from_numpy(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32)).to(device)
+    return cfg, model, adam_step(model, x)
+
+
 def profile(model_name: str, size: str, batch: int = 100, steps: int = 10, top: int = 15,
             threads: int | None = None) -> dict:
     """torch.profiler's view of the same training step on the CPU: the operators with the most self time per step,
     to set beside bench.py --profile's per-kernel table of the tinygrad step."""
     from torch.profiler import profile as torch_profile, ProfilerActivity
-    if threads: torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cfg = ModelConfig(model=model_name, size=size)
-    model = build(cfg)
-    x = torch.from_numpy(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32))
-    train_step = adam_step(model.train(), x)
+    _, _, train_step = fixed_batch_step(model_name, size, batch, threads)
     for _ in range(3): train_step()
     t = time.perf_counter()
     for _ in range(steps): train_step()
@@ -214,12 +220,8 @@ def bench(model_name: str, size: str, batch: int = 100, steps: int = 20, warmup:
           threads: int | None = None, device: str = "cpu") -> dict:
     """Adam(1e-3) steps on one fixed batch (train mode, plain ELBO), then generate() in eval mode without grad.
     ms_per_step is the median over reps of each rep's median step time; min/max are over the reps' medians."""
-    if threads: torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cfg = ModelConfig(model=model_name, size=size)
-    model, sync = build(cfg).to(device), torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    x = torch.from_numpy(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32)).to(device)
-    train_step = adam_step(model, x)
+    cfg, model, train_step = fixed_batch_step(model_name, size, batch, threads, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def seconds(fn) -> float:
         t = time.perf_counter()
@@ -245,12 +247,7 @@ def bench(model_name: str, size: str, batch: int = 100, steps: int = 20, warmup:
 def serve(model_name: str, size: str, batch: int = 100, warmup: int = 3, threads: int | None = None) -> None:
     """bench.py --paired: the training step of bench(), set up once; then for each line n read from stdin, n steps
     timed, and a line with the seconds per step. Ends at the end of its input."""
-    if threads: torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    cfg = ModelConfig(model=model_name, size=size)
-    model = build(cfg).train()
-    x = torch.from_numpy(np.random.default_rng(0).random((batch, *cfg.image_shape), dtype=np.float32))
-    train_step = adam_step(model, x)
+    _, _, train_step = fixed_batch_step(model_name, size, batch, threads)
     for _ in range(warmup): train_step()
     print(json.dumps({"framework": "torch " + torch.__version__, "threads": torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
