@@ -144,8 +144,9 @@ def run_study(args) -> None:
     import evaluate
     ds = load_dataset("mnist", args.data_dir)
     load_programs()
-    clf, _ = evaluate.load_classifier(Path(args.classifier), ds, 2)
-    _, test_features = evaluate.classify(clf, ds.test_x)
+    if not args.train_only:
+        clf, _ = evaluate.load_classifier(Path(args.classifier), ds, 2)
+        _, test_features = evaluate.classify(clf, ds.test_x)
 
     def cell_writer(cfg: ModelConfig, label: str, recipe: dict, seed: int, folder: Path, trainer: str):
         """on_cell(epoch, step, seconds, elbo, generate_fn, state): measure one snapshot and append its row; state (the
@@ -161,6 +162,9 @@ def run_study(args) -> None:
                 meta = {"config": cfg.to_dict(), "train": {"dataset": "mnist", "seed": seed, **recipe,
                                                            "trainer": "torch"}, "step": step, "epoch": epoch}
                 atomic_safe_save({f"model.{k}": Tensor(v) for k, v in state.items()}, checkpoint / CHECKPOINT, meta)
+            if args.train_only:
+                print(f"saved {checkpoint} (not measured: --train-only)", file=sys.stderr, flush=True)
+                return
             if cfg.model == "vlae": measured = measure(generate_fn, cfg.latent_dims, elbo, clf, test_features)
             else: measured = measure_hvae(generate_fn, checkpoint, cfg.latent_dims, elbo, clf, test_features)
             row = {"model": cfg.model, "recipe": label, **recipe, "width": width, "channels": list(cfg.channels),
@@ -265,6 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trainer", default="torch", choices=("torch", "tinygrad"))
     p.add_argument("--measure", nargs="*", default=[], type=Path,
                    help="instead of training: measure these run folders of train.py (e.g. out/mnist-vlae) and add rows")
+    p.add_argument("--train-only", action="store_true",
+                   help="save the checkpoints without measuring them (measure later with --measure)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", default="out/study", help="folder for the checkpoints")
     p.add_argument("--classifier", default="out/mnist-classifier.safetensors", help="evaluate.py's cached classifier")
