@@ -85,6 +85,12 @@ class HVAE(LatentModel):
             zs.insert(0, reparameterize(mu, sigma, eps[i]))
         return zs
 
+    def codes(self, x: Tensor) -> list[Tensor]:
+        """x -> the eps of Eq. 15 that generate the posterior means z_l = mu_l(x): eps_L = z_L and, solving
+        z_l = mu_l(z_{l+1}) + sigma_l(z_{l+1}) * eps_l, eps_l = (z_l - mu_l(z_{l+1})) / sigma_l(z_{l+1})."""
+        zs = [mu for mu, _ in self.encode(x)]
+        return [(z - mu) / sigma for z, (mu, sigma) in zip(zs, self.prior_params(zs))] + [zs[-1]]
+
     def generate(self, eps: list[Tensor]) -> Tensor:
         """Ancestral sampling with caller-supplied noise: image means of p(x | z_1)."""
         return self.decode(self.generate_latents(eps))

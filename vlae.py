@@ -269,6 +269,11 @@ class LatentModel:
         """[z_1, ..., z_L] -> image mean of r(x | z) in [0, 1]; the decoder emits logits."""
         return self.decode_logits(zs).sigmoid()
 
+    def codes(self, x: Tensor) -> list[Tensor]:
+        """x -> the noise eps for which generate(eps) decodes the posterior means of x (Eq. 13). The VLAE's prior is
+        N(0, I), so these are the means mu_l(x) themselves."""
+        return [mu for mu, _ in self.encode(x)]
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The VLAE
