@@ -7,15 +7,17 @@ StopSignals makes Ctrl-C and SIGTERM stop training between two steps, where the 
     model, meta = load_model(Path("out/mnist-vlae"))     # the config in meta["config"] rebuilds the model
 """
 from __future__ import annotations
-import json, os, signal
+import json, os, signal, sys
 from pathlib import Path
 import numpy as np
-from tinygrad import Tensor, Device
+from tinygrad import Tensor, Device, dtypes
 from vlae import VLAE, ModelConfig, weights
 from hvae import HVAE
 
 MODELS = {"vlae": VLAE, "hvae": HVAE}
 CHECKPOINT = "checkpoint.safetensors"
+OWN_RUN = Path("out/mnist-vlae")                                   # where `python train.py` puts the default run
+PRETRAINED = Path(__file__).parent / "pretrained" / "mnist-vlae"    # the default run's weights in float16, committed
 
 
 class UserError(Exception):
@@ -185,11 +187,25 @@ def load_part(obj, state: dict[str, np.ndarray]) -> None:
     each tensor gets a new buffer."""
     for name, t in (obj if isinstance(obj, dict) else weights(obj)).items():
         a = state[name]
+        if a.dtype == np.float16 and t.dtype == dtypes.float32:
+            a = a.astype(np.float32)                  # a model stored in float16 (pretrained/) computes in float32
         # (a 0-d array would become a constant, not a buffer that training updates in place: give it one element)
         new = Tensor(a.reshape(-1).copy(), device=t.device).reshape(t.shape) if a.shape == t.shape else None
         if new is None or new.dtype != t.dtype:
             raise ValueError(f"{name} is {a.dtype} {a.shape}, the model's {t.dtype} {t.shape}")
         t.replace(new)
+
+
+def default_run(run: str | None) -> Path:
+    """--run when given; else the default run out/mnist-vlae if it holds a checkpoint, else the pretrained model (saying
+    so in one line); with neither, out/mnist-vlae, whose missing checkpoint read_checkpoint explains."""
+    if run:
+        return Path(run)
+    if (OWN_RUN / CHECKPOINT).exists() or not (PRETRAINED / CHECKPOINT).exists():
+        return OWN_RUN
+    print(f"no checkpoint in {OWN_RUN} (train one with `python train.py --dataset mnist`): using the pretrained model "
+          f"in {os.path.relpath(PRETRAINED)}", file=sys.stderr)
+    return PRETRAINED
 
 
 def load_model(path: Path):
