@@ -1,0 +1,60 @@
+"""Does the training step still compute the same numbers, bit for bit? Builds the default MNIST network as train.py
+does (seed 0, --size medium unless given), takes 3 Adam steps on 2 fixed training batches (the first two of epoch 0,
+then the first again) with train.py's KL weight, and prints the sha256 of every weight, Adam's state, the RNG
+counter and the running sums, by name. Run it before and after a change to the model or its kernels: the same hash
+means the same training run.
+
+    DEV=CL python bench/bit_identity.py                    # the default run's network, as train.py trains it
+    DEV=CL python bench/bit_identity.py --npz state.npz    # also writes the arrays (to compare two runs)
+"""
+from __future__ import annotations
+import argparse, hashlib, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+from tinygrad import Device, Tensor
+import train
+from checkpoint import build_model, checkpoint_tensors
+from data import batches, load_dataset
+
+
+def setup(plain: bool) -> None:
+    """What train.py sets up before its model is built."""
+    try:
+        from kernels import load_programs                # the code before the fast/ package
+        load_programs()
+        return
+    except ImportError:
+        import fast
+    if not plain:
+        fast.enable()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="medium")
+    p.add_argument("--plain", action="store_true", help="as train.py --plain (without the fast package)")
+    p.add_argument("--npz", default=None, help="also write the arrays here")
+    a = p.parse_args()
+    args = train.parse_args(["--dataset", "mnist", "--size", a.size])
+    setup(a.plain)
+    ds = load_dataset(args.dataset, args.data_dir)
+    cfg = train.model_config(args, ds.image_shape)
+    Tensor.manual_seed(args.seed)
+    trainer = train.Trainer(build_model(cfg), args.lr)
+    it = batches(ds.train_x, ds.train_y, args.batch_size, args.seed, 0)
+    xs = [next(it)[0] for _ in range(2)]
+    for step in (1, 2, 3):
+        trainer.step(Tensor(xs[(step - 1) % 2]), Tensor([train.kl_weight(step, args.kl_warmup)])).realize()
+    arrays = {k: v.numpy() for k, v in sorted(checkpoint_tensors(trainer.model, trainer.opt, trainer.totals).items())}
+    h = hashlib.sha256()
+    for k, v in arrays.items():
+        h.update(f"{k} {v.dtype} {v.shape}\n".encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    if a.npz:
+        np.savez(a.npz, **arrays)
+    print(f"{h.hexdigest()}  {cfg.size} {cfg.latent_dims} on {Device.DEFAULT}: {len(arrays)} tensors after 3 steps")
+
+
+if __name__ == "__main__":
+    main()
