@@ -1,6 +1,7 @@
 """The files this project reads and writes itself, with numpy and Pillow: found (gzipped or not), checked against
 their md5 and downloaded from mirrors; MNIST's idx files, MATLAB v5 .mat files (SVHN's), folders of JPEGs decoded once
-into a cached array (CelebA's), and PNG pictures of image grids with a caption (every figure, every samples.png).
+into a cached array (CelebA's), and PNG pictures of image grids with a caption (every figure, every samples.png),
+animated GIFs of them (sample.py --gif) and line charts (train.py's curves.png).
 data.py says which files make each dataset and turns them into arrays; train.py and sample.py draw.
 
     from files import image_grid, save_png
@@ -252,6 +253,16 @@ def over_each_other(top: np.ndarray, bottom: np.ndarray, ncol: int) -> np.ndarra
 
 def save_png(grid: np.ndarray, path, header: str | None = None) -> Path:
     """Write a grid from image_grid as PNG, with an optional one-line text header above it."""
+    return save_image([with_header(grid, header)], path)
+
+
+def save_gif(grids: list[np.ndarray], path, headers: list[str], ms: int = 120) -> Path:
+    """Grids from image_grid, one per frame, as an animated GIF that loops, each frame under its own header."""
+    return save_image([with_header(g, h) for g, h in zip(grids, headers)], path, duration=ms, loop=0)
+
+
+def with_header(grid: np.ndarray, header: str | None):
+    """A grid (H, W, C uint8) as a Pillow image, with a one-line text header above it."""
     from PIL import Image, ImageDraw
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if header:
@@ -259,12 +270,55 @@ def save_png(grid: np.ndarray, path, header: str | None = None) -> Path:
         framed.paste(img, (0, 14))
         ImageDraw.Draw(framed).text((2, 1), header, fill=0 if img.mode == "L" else (0, 0, 0))
         img = framed
+    return img
+
+
+def save_image(frames: list, path, **gif) -> Path:
+    """Pillow images to path, written to a temporary file and renamed; more than one frame makes an animated GIF."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
+    if len(frames) > 1:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], **gif)
+    else:
+        frames[0].save(tmp, format=path.suffix[1:].upper() or "PNG")
     os.replace(tmp, path)
     return path
+
+
+CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def line_charts(panels: list, path, header: str, size: tuple = (300, 220)) -> Path:
+    """Line charts side by side, drawn with Pillow (no plotting library): panels is [(title, [(label, x, y), ...])];
+    each panel's axes span its data, with the extreme values written at the ends."""
+    from PIL import Image, ImageDraw
+    w, h = size
+    img = Image.new("RGB", (w * len(panels), h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for p, (title, lines) in enumerate(panels):
+        left, right, top, bottom = p * w + 52, p * w + w - 20, 18, h - 18         # the plot's box
+        xs = np.concatenate([np.asarray(x, float) for _, x, _ in lines])
+        ys = np.concatenate([np.asarray(y, float) for _, _, y in lines])
+        ys = ys[np.isfinite(ys)] if np.isfinite(ys).any() else np.zeros(1)
+        (x_lo, x_hi), (y_lo, y_hi) = (xs.min(), max(xs.max(), xs.min() + 1)), (ys.min(), max(ys.max(), ys.min() + 1e-6))
+        draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+        draw.text((left, 3), title, fill=(0, 0, 0))
+        draw.text((p * w + 2, top - 5), f"{y_hi:.4g}", fill=(0, 0, 0))
+        draw.text((p * w + 2, bottom - 7), f"{y_lo:.4g}", fill=(0, 0, 0))
+        draw.text((left, bottom + 3), f"{x_lo:g}", fill=(0, 0, 0))
+        draw.text((right - 60, bottom + 3), f"step {x_hi:g}", fill=(0, 0, 0))
+        for i, (label, x, y) in enumerate(lines):
+            colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+            points = [(left + (a - x_lo) / (x_hi - x_lo) * (right - left), bottom - (b - y_lo) / (y_hi - y_lo) *
+                       (bottom - top)) for a, b in zip(x, y) if np.isfinite(b)]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            else:
+                draw.point(points, fill=colour)
+            if len(lines) > 1:                                                     # the legend: after the title
+                draw.text((left + draw.textlength(title + " ") + 30 * i, 3), label, fill=colour)
+    return save_image([with_header(np.asarray(img), header)], path)
 
 
 def side_by_side(grids: list[np.ndarray], labels: list[str]) -> np.ndarray:
