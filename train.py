@@ -6,18 +6,20 @@
     DEV=CUDA python train.py --size paper            # the authors' full network on a GPU (DEV=METAL, DEV=CL ...)
 
 The run folder gets checkpoint.safetensors (weights, Adam state, step, RNG state and the config as JSON metadata,
-written atomically after every epoch), metrics.jsonl (one line per epoch), samples.png and reconstructions.png.
+written atomically after every epoch), metrics.jsonl (one line per epoch, with the loss, reconstruction, KL per layer
+and KL weight at each log point), curves.png (those against steps), samples-epochN.png (the same prior draws every
+epoch; samples.png is the latest) and reconstructions.png.
 Ctrl-C or SIGTERM finishes the current step, saves a checkpoint there and exits (130 / 143); --resume continues
 with the same batches and ends with the same weights, bit for bit on a CPU, as a run that was never stopped.
 """
 from __future__ import annotations
-import argparse, dataclasses, json, math, signal, sys, time
+import argparse, dataclasses, json, math, shutil, signal, sys, time
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, Device, Context, dtypes, nn
 from tinygrad.helpers import tqdm
 from data import DATASETS, DataError, as_float, batches, binarized_test_set, load_dataset
-from files import image_grid, over_each_other, save_png
+from files import image_grid, line_charts, over_each_other, save_png
 from vlae import ModelConfig, SIZES, n_params, weights
 from kernels import elbo_parts, generate_images, jit, load_programs, on_cpu, save_programs, search_slowest
 from checkpoint import (CHECKPOINT, MODELS, StopSignals, Stopped, UserError, build_model, checkpoint_tensors,
@@ -117,7 +119,7 @@ class Run:
     def __init__(self, trainer: Trainer, cfg: ModelConfig, args):
         self.trainer, self.cfg, self.args, self.path = trainer, cfg, args, args.out / CHECKPOINT
         self.step, self.epoch, self.batch = 0, 0, 0     # steps taken, epochs completed, batches of this epoch done
-        self.log, self.metrics = [], {}                 # (step, loss) at this epoch's log points; last epoch's metrics
+        self.log, self.metrics = [], {}                 # this epoch's log points (log_point); the last epoch's metrics
         self.first_step, self.saved_step = 0, None      # where this process started; the checkpoint's step on disk
         self.tag = f"{cfg.model.upper()} {cfg.size} {cfg.latent_dims}"
 
@@ -131,10 +133,12 @@ class Run:
         self.log, self.metrics = meta.get("log", []), meta.get("metrics", {})
         self.first_step = self.saved_step = self.step
 
-    def log_point(self, stats: Tensor, bar) -> None:
+    def log_point(self, stats: Tensor, bar, beta: float) -> None:
+        """Log the step's (loss, recon, kl_1..kl_L) and KL weight beta; show them on the progress bar."""
         s = stats.numpy()                                               # the only sync in the training loop
         self.check_finite()
-        self.log.append([self.step, float(s[0])])
+        self.log.append({"step": self.step, "kl_weight": beta, "loss": float(s[0]), "recon": float(s[1]),
+                         "kl": [float(k) for k in s[2:]]})
         bar.set_description(f"epoch {self.epoch + 1}/{self.args.epochs} step {self.step} loss {s[0]:.1f} recon "
                             f"{s[1]:.1f} kl {' '.join(f'{k:.2f}' for k in s[2:])}")
         if bar.disable:
@@ -158,6 +162,19 @@ class Run:
         save_checkpoint(self.path, self.trainer.model, self.trainer.opt, meta, self.trainer.totals)
         self.saved_step = self.step
 
+    def save_curves(self) -> None:
+        """curves.png: the loss, reconstruction, KL per layer and KL weight at every log point in metrics.jsonl."""
+        lines = (self.args.out / "metrics.jsonl").read_text().splitlines()
+        log = [p for line in lines for p in json.loads(line).get("train_log", []) if isinstance(p, dict)]
+        if not log:                                     # (a run resumed from a checkpoint of older code)
+            return
+        step, kl = [p["step"] for p in log], np.array([p["kl"] for p in log])
+        panels = [(f"{name}, nats", [(name, step, [p[key] for p in log])]) for name, key in
+                  (("loss (-ELBO, KL weighted)", "loss"), ("reconstruction log r(x|z)", "recon"))]
+        panels += [("KL per layer, nats", [(f"z_{l + 1}", step, kl[:, l]) for l in range(kl.shape[1])]),
+                   ("KL weight (warm-up)", [("beta", step, [p["kl_weight"] for p in log])])]
+        line_charts(panels, self.args.out / "curves.png", f"{self.tag}: training, at each log point (train.py)")
+
     def stopped(self, signum: int, steps_per_epoch: int) -> Stopped:
         """After SIGINT or SIGTERM: save a checkpoint at the step reached; returns the exception that ends the run."""
         name = signal.Signals(signum).name
@@ -171,7 +188,8 @@ class Run:
 
     def end_epoch(self, test_x: np.ndarray, steps_per_epoch: int, timed_steps: int, seconds: float) -> None:
         """The epoch's metrics (training means, the test-set ELBO and its parts), then the checkpoint (what --resume
-        needs), then metrics.jsonl, samples.png (the same 100 prior draws every epoch) and reconstructions.png."""
+        needs), then metrics.jsonl, samples-epochN.png (the same 100 prior draws every epoch; samples.png a copy),
+        reconstructions.png and curves.png."""
         self.epoch, self.batch, args, model = self.epoch + 1, 0, self.args, self.trainer.model
         totals = self.trainer.totals.numpy() / steps_per_epoch
         parts, recon = elbo_parts(model, test_x)
@@ -179,7 +197,7 @@ class Run:
                         "train_loss": float(totals[0]), "train_recon": float(totals[1]),
                         "train_kl": [float(k) for k in totals[2:]], "test_elbo": float(parts[:, 0].mean()),
                         "test_recon": float(parts[:, 1].mean()), "test_kl": [float(k) for k in parts[:, 2:].mean(0)],
-                        "train_loss_log": self.log, "epoch_seconds": round(seconds, 1),
+                        "train_log": self.log, "epoch_seconds": round(seconds, 1),
                         "images_per_second": round(timed_steps * args.batch_size / seconds, 1)}
         self.log = []
         self.save()
@@ -188,8 +206,10 @@ class Run:
         try:
             with open(args.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(self.metrics) + "\n")
-            save_png(image_grid(generate_images(model, eps), 10, scale=2), args.out / "samples.png",
-                     f"{self.tag} prior samples, epoch {self.epoch}")
+            samples = save_png(image_grid(generate_images(model, eps), 10, scale=2),
+                               args.out / f"samples-epoch{self.epoch}.png", f"{self.tag} prior samples, epoch {self.epoch}")
+            shutil.copyfile(samples, args.out / "samples.png")
+            self.save_curves()
             save_png(image_grid(over_each_other(test_x[:30], recon[:30], 10), 10, scale=2),
                      args.out / "reconstructions.png",
                      f"{self.tag} test images (odd rows) and reconstructions, epoch {self.epoch}")
@@ -229,9 +249,10 @@ def train(args) -> dict:
                 if stop.signum:
                     break
                 run.step, run.batch = run.step + 1, run.batch + 1
-                stats = run.trainer.step(Tensor(xb), Tensor([kl_weight(run.step, args.kl_warmup)]))
+                beta = kl_weight(run.step, args.kl_warmup)
+                stats = run.trainer.step(Tensor(xb), Tensor([beta]))
                 if run.batch % args.log_every == 0 or run.batch == steps_per_epoch:
-                    run.log_point(stats, bar)
+                    run.log_point(stats, bar, beta)
                 bar.update(1)
             bar.update(close=True)
             if stop.signum:
