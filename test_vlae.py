@@ -637,8 +637,8 @@ def test_four_layer_configurations_train_on_colour_data(dataset, svhn_root, tmp_
     assert metrics["step"] == 3 and np.isfinite(metrics["test_elbo"]) and len(metrics["test_kl"]) == 4
     cfg = checkpoint.read_checkpoint(out / "checkpoint.safetensors")[1]["config"]
     assert list(cfg["latent_dims"]) == dims and tuple(cfg["image_shape"]) == shape
-    log = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["train_loss_log"]
-    assert len(log) == 3 and all(np.isfinite(loss) for _, loss in log)
+    log = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["train_log"]
+    assert len(log) == 3 and all(np.isfinite([p["loss"], *p["kl"]]).all() and len(p["kl"]) == 4 for p in log)
     with Image.open(out / "samples.png") as img: assert img.mode == "RGB"
 
 
@@ -741,8 +741,17 @@ def test_training_lowers_loss_and_resumes(tmp_path, model, small_test_set, monke
     assert [r["epoch"] for r in m] == [1, 2] and m[1]["step"] == 40
     assert m[1]["train_loss"] < m[0]["train_loss"]
     assert m[1]["test_elbo"] > m[0]["test_elbo"]
-    assert [s for s, _ in m[0]["train_loss_log"] + m[1]["train_loss_log"]] == list(range(1, 41))  # --log-every 1
-    for f in ("samples.png", "reconstructions.png", "checkpoint.safetensors"): assert (out / f).stat().st_size > 0
+    log = m[0]["train_log"] + m[1]["train_log"]                         # every step's terms and KL weight
+    assert [p["step"] for p in log] == list(range(1, 41))                # --log-every 1
+    for p in log:
+        assert len(p["kl"]) == 3 and p["kl_weight"] == train.kl_weight(p["step"], 10)
+        assert p["loss"] == pytest.approx(p["kl_weight"] * sum(p["kl"]) - p["recon"], rel=1e-4)
+    for f in ("samples.png", "samples-epoch1.png", "reconstructions.png", "checkpoint.safetensors"):
+        assert (out / f).stat().st_size > 0
+    assert (out / "samples.png").read_bytes() == (out / "samples-epoch2.png").read_bytes()
+    with Image.open(out / "curves.png") as im:                            # loss, recon, KL per layer, KL weight
+        im.verify()
+        assert im.format == "PNG" and im.width == 4 * 300
 
     # checkpoint round trip: same config, same weights, identical outputs
     model1, meta = checkpoint.load_model(out)
