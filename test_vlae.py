@@ -1109,9 +1109,120 @@ def test_user_errors_are_one_line(run, bad_runs, tmp_path, capsys):
              (["--run", str(run), "--sweep-layer", "4"], "--sweep-layer 4: this model has layers 1 .* to 3"),
              (["--run", str(run), "--sweep-layer", "top"], "--sweep-layer top: give a layer number"),
              (["--run", str(run), "--gibbs", "5"], "--gibbs .* HVAE"),
-             (["--run", str(run), "--grid", "0"], "--grid must be >= 1")]
+             (["--run", str(run), "--grid", "0"], "--grid must be >= 1"),
+             (["--run", str(run), "--swap-layer", "4"], "--swap-layer 4: this model has layers 1 .* to 3"),
+             (["--run", str(run), "--redraw-layer", "0"], "--redraw-layer 0: this model has layers 1"),
+             (["--run", str(run), "--from-test", "0", "--swap-layer", "1"], "--from-test 0: give a number .* 1 to 100"),
+             (["--run", str(run), "--from-test", "5"], "--from-test N picks the digits of --redraw-layer"),
+             (["--run", str(run), "--gif", "a.gif"], "--gif animates the sweep of one layer: give --sweep-layer N"),
+             (["--run", str(run), "--gif", "a.gif", "--sweep-layer", "all"], "--gif animates")]
     assert_one_line_errors(sample.main, bad_runs + cases, capsys, ["--out", str(tmp_path / "out")])
     assert folder_contents(tmp_path) == files and not (tmp_path / "out").exists()
+
+
+def test_with_layer_takes_one_layer_from_b_and_the_rest_from_a():
+    """The swap grid's codes: [a, b] holds digit a's code at every layer but `layer`, which is digit b's."""
+    codes = [np.arange(4 * d, dtype=np.float32).reshape(4, d) + 100 * i for i, d in enumerate((2, 1, 3))]
+    for layer in (1, 2, 3):
+        grid = sample.with_layer(codes, layer, codes[layer - 1])
+        for i, (g, c) in enumerate(zip(grid, codes)):
+            assert g.shape == (4, 4, c.shape[1])
+            for a in range(4):
+                for b in range(4): np.testing.assert_array_equal(g[a, b], c[b] if i == layer - 1 else c[a])
+
+
+def test_sweep_path_walks_the_grid_and_each_unit():
+    q = vlae.normal_quantiles(3)
+    path = sample.sweep_path(2, 3)                                   # the 3 x 3 grid, every other row backwards
+    assert path.shape == (9, 2) and sorted(map(tuple, path)) == sorted(map(tuple, vlae.quantile_grid(3).reshape(-1, 2)))
+    assert (np.abs(np.diff(path, axis=0)).sum(1) > 0).all() and np.allclose(path[3], [q[2], q[1]])
+    path = sample.sweep_path(3, 3)                                   # one unit at a time, the others at 0
+    assert path.shape == (9, 3) and np.allclose(path[3:6], np.stack([0 * q, q, 0 * q], 1))
+
+
+def tiny_run(folder: Path, **kw) -> Path:
+    """An untrained tiny checkpoint (weights only) of the given config, as the `run` fixture's."""
+    folder.mkdir(parents=True)
+    Tensor.manual_seed(0)
+    model = checkpoint.build_model(ModelConfig(**(TINY | kw)))
+    meta = {"config": model.cfg.to_dict(), "train": {"dataset": "mnist"}, "step": 0, "epoch": 0}
+    checkpoint.save_checkpoint(folder / checkpoint.CHECKPOINT, model, None, meta)
+    return folder
+
+
+CONFIGS = [dict(latent_dims=dims, combiner=combiner) for dims, combiner in
+           [((2, 2), "gated"), ((2, 2), "concat"), ((2, 2, 2), "gated"), ((2, 1, 3), "concat"), ((2, 2, 2, 2), "gated"),
+            ((1, 2, 3, 2), "concat")]] + [dict(model="hvae", latent_dims=(2, 2, 2))]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_swap_redraw_and_gif_from_real_digits(cfg, tmp_path, capsys, monkeypatch):
+    """--from-test N --swap-layer L --redraw-layer 1 on 2, 3 and 4 layers with both combiners, and on the HVAE: the
+    grids decode the first N test digits' codes (model.codes: the posterior means for a VLAE) with layer L's code from
+    digit B (the swap) or from the prior (the redraw); --gif animates a sweep, one frame per value of the code."""
+    mnist_folder()
+    run, n, L = tiny_run(tmp_path / "run", **cfg), 3, len(cfg["latent_dims"])
+    decoded, generate = [], sample.generate_images
+    monkeypatch.setattr(sample, "generate_images", lambda model, eps: decoded.append(eps) or generate(model, eps))
+    argv = ["--run", str(run), "--from-test", str(n), "--swap-layer", str(L), "--redraw-layer", "1", "--grid", "2",
+            "--scale", "1"]
+    assert sample.main(argv) == 0
+    assert capsys.readouterr().out.split() == [str(run / "redraw-layer1.png"), str(run / f"swap-layer{L}.png")]
+    model, _ = checkpoint.load_model(run)
+    x = data.as_float(data.load_dataset("mnist").test_x[:n])
+    codes = [c.numpy() for c in model.codes(Tensor(x))]
+    redrawn, swapped = decoded[1], decoded[2]                       # (decoded[0]: the reconstructions)
+    for i, c in enumerate(codes):
+        assert redrawn[i].shape == (n, 2, c.shape[1]) and swapped[i].shape == (n, n, c.shape[1])
+        from_b = i == L - 1                                          # swapped[i][a, b]: B's code at layer L, else A's
+        np.testing.assert_allclose(swapped[i], np.broadcast_to(c[None] if from_b else c[:, None], (n, n, c.shape[1])),
+                                   atol=1e-6)
+        if i > 0: np.testing.assert_allclose(redrawn[i], np.broadcast_to(c[:, None], redrawn[i].shape), atol=1e-6)
+    assert not np.allclose(redrawn[0][:, 0], codes[0])              # the bottom layer is redrawn
+    with Image.open(run / f"swap-layer{L}.png") as im:
+        side = panel_size(n + 1)
+        assert im.size == (side, 14 + side)
+        grid = np.asarray(im)[14:]
+    images = generate(model, swapped)                               # row A, column B, after the top row of digits
+    cell = lambda r, c: grid[2 + r * 30:2 + r * 30 + 28, 2 + c * 30:2 + c * 30 + 28]
+    np.testing.assert_array_equal(cell(2, 3), (images[1, 2, 0] * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(cell(0, 2), (x[1, 0] * 255).round().astype(np.uint8))
+    with Image.open(run / "redraw-layer1.png") as im: assert im.size == (panel_size(4), 14 + panel_size(n))
+
+    d = cfg["latent_dims"][-1]                                      # a 2-D code walks the grid, others unit by unit
+    gif = tmp_path / "s.gif"
+    assert sample.main(["--run", str(run), "--sweep-layer", str(L), "--grid", "2", "--gif", str(gif)]) == 0
+    with Image.open(gif) as im: assert im.n_frames == (4 if d == 2 else 2 * d) and im.format == "GIF"
+    assert not (run / f"sweep-layer{L}.png").exists()
+
+
+def test_float16_model_and_the_pretrained_fallback(run, tmp_path, monkeypatch, capsys):
+    """With no --run: out/mnist-vlae if it holds a checkpoint, else the pretrained model (float16 weights, computed in
+    float32; one line says so; pictures in out/pretrained-mnist-vlae), else one line saying how to train one."""
+    state, meta = checkpoint.read_checkpoint(run)
+    half = {k: Tensor(v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in state.items()
+            if k.startswith("model.")}                                # its float32 tensors in float16
+    pretrained = tmp_path / "pretrained" / "mnist-vlae"
+    pretrained.mkdir(parents=True)
+    checkpoint.atomic_safe_save(half, pretrained / checkpoint.CHECKPOINT, {"config": meta["config"]})
+    monkeypatch.setattr(checkpoint, "PRETRAINED", pretrained)
+    monkeypatch.setattr(sample, "PRETRAINED", pretrained)
+    monkeypatch.chdir(tmp_path)
+    model, _ = checkpoint.load_model(pretrained)
+    for k, t in vlae.weights(model).items():
+        np.testing.assert_array_equal(t.numpy(), half[f"model.{k}"].numpy().astype(t.numpy().dtype))
+    assert sample.main(["--prior", "--grid", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(Path("out/pretrained-mnist-vlae/prior.png"))] and len(err.strip().splitlines()) == 1
+    assert re.match(r"no checkpoint in out/mnist-vlae .*: using the pretrained model in pretrained/mnist-vlae$",
+                    err.strip())
+    shutil.copytree(run, tmp_path / "out" / "mnist-vlae")           # a run of one's own comes first, silently
+    assert sample.main(["--prior", "--grid", "2"]) == 0 and capsys.readouterr().err == ""
+    assert (tmp_path / "out" / "mnist-vlae" / "prior.png").exists()
+    shutil.rmtree(tmp_path / "out" / "mnist-vlae")
+    monkeypatch.setattr(checkpoint, "PRETRAINED", tmp_path / "none")
+    assert_one_line_errors(sample.main, [([], r"no checkpoint in out/mnist-vlae: train one first with `python train.py "
+                                             r"--dataset mnist`")], capsys)
 
 
 # --------------------------------------------------------------------------------------------- evaluate.py
