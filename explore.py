@@ -204,7 +204,7 @@ def find_chromium() -> str | None:
 class Browser:
     """Headless Chromium with a fresh profile, driven through --remote-debugging-pipe: DevTools protocol messages are
     JSON ending in a NUL byte, read on file descriptor 3 and written on 4 (no WebSocket needed)."""
-    def __init__(self, size: tuple = (1100, 760), timeout: float = 30):
+    def __init__(self, size: tuple = (900, 680), timeout: float = 30):
         binary = find_chromium()
         if binary is None:
             raise UserError("no Chromium found: install it (apt-get install chromium) to take screenshots")

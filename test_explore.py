@@ -226,7 +226,7 @@ def test_page_drag_in_headless_chromium(served, tmp_path):
     finally:
         browser.close()
     shot = explore.screenshot(explorer, tmp_path / "explorer.png", 3)        # what --screenshot runs
-    with Image.open(shot) as im: assert im.format == "PNG" and im.size == (1100, 760)
+    with Image.open(shot) as im: assert im.format == "PNG" and im.size == (900, 680)
 
 
 def encoded_codes(port: int, index: int) -> list:
