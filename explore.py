@@ -1,9 +1,9 @@
 """See what each layer learned: a page with one pad per layer whose image follows the pads as they are dragged, each
 update decoded by the model (jitted for one image; no precomputed tables). Standard library and the project only.
 
-    python explore.py                          # serves http://127.0.0.1:8000/ for out/mnist-vlae (or the pretrained model)
-    python explore.py --run out/mnist-hvae     # the HVAE: its pads are the eps of Eq. 15
-    python explore.py --bench                  # request-to-PNG latency over 200 updates: p50, p95 and the CPU
+    python explore.py                       # http://127.0.0.1:8000/ for out/mnist-vlae (or the pretrained model)
+    python explore.py --run out/mnist-hvae  # the HVAE: its pads are the eps of Eq. 15
+    python explore.py --bench               # request-to-PNG latency over 200 updates: p50, p95 and the CPU
     python explore.py --screenshot docs/explorer.png      # the page in headless Chromium, a pad dragged
 
 The page is explore.html. A layer's pad moves the first two units of its code (z_l for the VLAE, eps_l for the HVAE),
@@ -21,7 +21,7 @@ from tinygrad import Device, Tensor, TinyJit, dtypes
 from checkpoint import UserError, default_run, load_model
 from data import DataError, as_float
 
-LIMIT = 4.0                     # codes are accepted in [-LIMIT, LIMIT], the pads' range: N(0, 1) has 6e-5 of its mass beyond
+LIMIT = 4.0                     # codes are accepted in [-LIMIT, LIMIT], the pads' range (N(0, 1) has 6e-5 beyond)
 MAX_BODY = 4096                 # bytes of a request body
 PAGE = Path(__file__).parent / "explore.html"
 
@@ -60,12 +60,12 @@ class Explorer:
                 "image_shape": list(cfg.image_shape), "test_images": len(self.test_x)}
 
     def decode(self, codes: list) -> bytes:
-        eps = [Tensor(np.asarray(c, np.float32).reshape(1, -1)) for c in codes]
-        with self.lock:
-            return png(self._decode(*eps).numpy()[0])
+        with self.lock:                     # (tinygrad is not thread-safe: all of its work happens under the lock)
+            image = self._decode(*[Tensor(np.asarray(c, np.float32).reshape(1, -1)) for c in codes]).numpy()[0]
+        return png(image)
 
     def encode(self, request: dict) -> dict:
-        """{"index": i} (or {} for a random one) -> the test image's codes, clipped to the pads' range, and the image."""
+        """{"index": i} (or {} for a random one) -> the test image's codes, clipped to the pads' range, and it."""
         n, i = len(self.test_x), request.get("index")
         if i is None:
             i = int(self.rng.integers(n))
@@ -82,7 +82,8 @@ class Explorer:
         """{"layer": l} -> {"code": a draw from N(0, I) for layer l, clipped to the pads' range}."""
         layer, L = request.get("layer"), len(self.dims)
         if not (is_number(layer) and 1 <= layer <= L and layer == int(layer)):
-            raise BadRequest(400, f"unknown layer {json.dumps(layer)[:40]}: this model has layers 1 (bottom) to {L} (top)")
+            raise BadRequest(400, f"unknown layer {json.dumps(layer)[:40]}: this model has layers 1 (bottom) to {L} "
+                                  f"(top)")
         with self.lock:
             draw = self.rng.standard_normal(self.dims[int(layer) - 1])
         return {"layer": int(layer), "code": np.clip(draw, -LIMIT, LIMIT).tolist()}
@@ -97,7 +98,8 @@ class Explorer:
                 raise BadRequest(400, f"layer {layer}: give a list of {d} numbers (its code has {d} units)")
             for v in code:                  # (NaN fails the comparison, and JSON's Infinity, 1e999 too)
                 if not (is_number(v) and -LIMIT <= v <= LIMIT):
-                    raise BadRequest(400, f"layer {layer}: {json.dumps(v)[:40]} is not a number in [-{LIMIT:g}, {LIMIT:g}]")
+                    raise BadRequest(400, f"layer {layer}: {json.dumps(v)[:40]} is not a number in "
+                                          f"[-{LIMIT:g}, {LIMIT:g}]")
         return codes
 
 
@@ -167,7 +169,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         code = {HTTPStatus.NOT_IMPLEMENTED: 405, HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: 400}.get(code, code)
         if self.request_version == "HTTP/0.9":      # (a request line it could not parse: still send the status line)
             self.request_version = "HTTP/1.0"
-        body = f"{int(code)} {message or HTTPStatus(code).phrase}\n".encode(errors="replace")
+        message = " ".join((message or HTTPStatus(code).phrase).splitlines())
+        body = f"{int(code)} {message}\n".encode(errors="replace")
         self.close_connection = True
         self.send_response(code, HTTPStatus(code).phrase)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -218,7 +221,8 @@ class Browser:
         os.close(to_r), os.close(from_w)
         target = self.send("Target.createTarget", url="about:blank", session=None)["targetId"]
         self.session = self.send("Target.attachToTarget", targetId=target, flatten=True, session=None)["sessionId"]
-        self.send("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+        self.send("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
+                  mobile=False)
 
     def send(self, method: str, session: str | None = "page", **params) -> dict:
         self.id += 1
@@ -249,7 +253,8 @@ class Browser:
         """The value of a JavaScript expression in the page (a promise is awaited)."""
         result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression[:60]}: {result['exceptionDetails'].get('exception', {}).get('description')}")
+            details = result["exceptionDetails"]
+            raise RuntimeError(f"{expression[:60]}: {details.get('exception', {}).get('description', details)}")
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30) -> None:
@@ -288,8 +293,11 @@ class Browser:
 
 def image_pixels(browser: Browser) -> list:
     """The decoded image as the page shows it: its RGBA pixels read back through a canvas."""
-    return browser.evaluate("""(() => { const img = document.getElementById('decoded'), c = document.createElement('canvas');
-        c.width = img.naturalWidth; c.height = img.naturalHeight; const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+    return browser.evaluate("""(() => {
+        const img = document.getElementById('decoded'), c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const g = c.getContext('2d');
+        g.drawImage(img, 0, 0);
         return Array.from(g.getImageData(0, 0, c.width, c.height).data); })()""")
 
 
@@ -399,7 +407,8 @@ def main(argv=None) -> int:
                                 f"choose another --host or --port") from None
         explorer = load_explorer(args)
         if args.screenshot_layer is not None and not 1 <= args.screenshot_layer <= len(explorer.dims):
-            raise UserError(f"--screenshot-layer {args.screenshot_layer}: this model has layers 1 to {len(explorer.dims)}")
+            raise UserError(f"--screenshot-layer {args.screenshot_layer}: this model has layers 1 to "
+                            f"{len(explorer.dims)}")
         if args.bench:
             r = bench(explorer)
             print(f"{r['updates']} updates, request to PNG: p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, max "
