@@ -45,25 +45,24 @@ def timed(fn, n: int) -> float:
 
 
 def use_tinygrad_conv() -> None:
-    """The --tinygrad-conv lever: tinygrad's own (transposed) convolutions instead of the model's matmul forms."""
+    """The --tinygrad-conv lever: tinygrad's own (transposed) convolutions instead of fast/'s matmul forms."""
     from tinygrad import nn
-    import vlae
-    vlae.Conv4x4s2.__call__, vlae.ConvTranspose4x4s2.__call__ = nn.Conv2d.__call__, nn.ConvTranspose2d.__call__
+    from fast import layers
+    layers.Conv4x4s2.__call__, layers.ConvTranspose4x4s2.__call__ = nn.Conv2d.__call__, nn.ConvTranspose2d.__call__
 
 
 def trainer_for(size: str, model_name: str, batch: int, kernel_search: int | None):
-    """What train.py sets up before its first step: the kernels kept by earlier runs, the kernel search (if not done
-    before for this network), a seeded model and its Trainer; with a fixed random batch. Returns (trainer, x, beta,
-    seconds the search took, what it found: kernels.search_slowest)."""
+    """What train.py sets up before its first step (after fast.enable(), unless --plain): the kernel search (if not
+    done before for this network), a seeded model and its Trainer; with a fixed random batch. Returns (trainer, x,
+    beta, seconds the search took, what it found: fast.search.search_slowest)."""
     from tinygrad import Tensor
-    from train import Trainer, search_kernels
+    from train import Trainer
     from checkpoint import build_model
     from vlae import ModelConfig
-    from kernels import load_programs
-    load_programs()
+    import fast
     cfg = ModelConfig(model=model_name, size=size)
     t0 = time.perf_counter()
-    searched = search_kernels(cfg, batch, kernel_search)
+    searched = fast.search_kernels(lambda: Trainer(build_model(cfg), lr=1e-3), cfg, batch, kernel_search)
     search_s = time.perf_counter() - t0
     Tensor.manual_seed(0)
     trainer = Trainer(build_model(cfg), lr=1e-3)
@@ -75,7 +74,8 @@ def measure(size: str, model_name: str, batch: int, steps: int, reps: int, kerne
     """One configuration, in this process: warm-up, steady-state training, sampling, GFLOP/s and memory."""
     from tinygrad import Tensor, Device, GlobalCounters
     from vlae import n_params
-    from kernels import generate_jit, step_calls
+    from arrays import generate_jit
+    from fast.search import step_calls
     trainer, x, beta, search_s, searched = trainer_for(size, model_name, batch, kernel_search)
     model, rng = trainer.model, np.random.default_rng(1)
     step = lambda: trainer.step(x, beta)
@@ -124,13 +124,13 @@ def kernel_kind(name: str, out_shape: tuple, flops: float, nbytes: float) -> str
 
 
 def profile_step(size: str, model_name: str, batch: int, reps: int, top: int, kernel_search: int | None) -> dict:
-    """Every kernel of one training step, timed alone (kernels.kernel_times): the step the jit captured
+    """Every kernel of one training step, timed alone (fast.search.kernel_times): the step the jit captured
     (train.Trainer's, as in train.py, after the same kernel search) is replayed one kernel at a time, waiting for
     each, `reps` times; each kernel's best time is kept. FLOPs and bytes are tinygrad's own estimates for the kernel
     (what DEBUG=2 prints)."""
     from tinygrad import Device
     from tinygrad.engine.realize import estimate_uop, get_call_arg_uops, get_call_outs_ins
-    from kernels import kernel_times, plain
+    from fast.search import kernel_times, plain
     trainer, x, beta, _, _ = trainer_for(size, model_name, batch, kernel_search)
     step = lambda: trainer.step(x, beta)
     for _ in range(3): step().numpy()
@@ -187,7 +187,7 @@ def search_flag(args) -> list[str]:
 
 def parse_variant(spec: str) -> tuple[dict, list[str]]:
     """A --variant: KEY=VALUE words are environment settings for tinygrad (DEV=CL, BEAM=2, ...), the rest are flags
-    for the measuring process (--batch 200, --tinygrad-conv)."""
+    for the measuring process (--batch 200, --tinygrad-conv, --plain)."""
     env, argv = {}, []
     for w in shlex.split(spec):
         if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", w): env.update([w.split("=", 1)])
@@ -386,7 +386,8 @@ def main(argv=None) -> int:
                    help="as train.py: kernel search on the N slowest kernels of the step before timing it (0: off; "
                         "default: train.py's)")
     p.add_argument("--tinygrad-conv", action="store_true",
-                   help="measure with tinygrad's own convolutions in place of the model's matmul forms")
+                   help="measure with tinygrad's own convolutions in place of fast/'s matmul forms")
+    p.add_argument("--plain", action="store_true", help="measure without the fast/ package (as train.py --plain)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="instead of the speed table: time each kernel of one training step and list the N slowest "
                         "(with --torch, also PyTorch's N slowest operators)")
@@ -407,6 +408,9 @@ def main(argv=None) -> int:
             print(f"error: {name} {','.join(bad)}: choose from {', '.join(known)}", file=sys.stderr)
             return 2
     if args.child:
+        if not args.plain:
+            import fast
+            fast.enable()
         if args.tinygrad_conv: use_tinygrad_conv()
         if args.serve:
             serve(args.size, args.model, args.batch, args.kernel_search)
@@ -470,7 +474,7 @@ def speed_main(sizes: list[str], models: list[str], args) -> int:
           f"median of {args.reps} x {args.steps} steps{rounds}")
     print(table(rows))
     for r in rows:
-        if r.get("searched"):                              # kernels.search_slowest's report, per step
+        if r.get("searched"):                              # fast.search.search_slowest's report, per step
             print(f"\nkernel search, {r['size']} {r['model']} {r['variant']}: " + "; ".join(
                 f"`{k['kernel']}` {k['ms_before']:.1f} -> {k['ms_after']:.1f} ms "
                 f"({'kept' if k['kept'] else 'not kept'})"

@@ -13,6 +13,7 @@ import numpy as np
 from tinygrad import Tensor, Device, dtypes
 from vlae import VLAE, ModelConfig, weights
 from hvae import HVAE
+import fast
 
 MODELS = {"vlae": VLAE, "hvae": HVAE}
 CHECKPOINT = "checkpoint.safetensors"
@@ -58,7 +59,8 @@ class StopSignals:
 # ---------------------------------------------------------------------------------------------------------
 
 def build_model(cfg: ModelConfig):
-    return MODELS[cfg.model](cfg)
+    """The model of a config; with its layers' fast forms when the entry script switched fast/ on (the same weights)."""
+    return fast.accelerate(MODELS[cfg.model](cfg))
 
 
 def optimizer_state(opt) -> dict[str, Tensor]:

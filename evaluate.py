@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse, json, math, sys, time
 from pathlib import Path
 import numpy as np
-from tinygrad import Tensor, Context, nn
+from tinygrad import Tensor, Context, TinyJit, nn
 from tinygrad.helpers import tqdm
 from data import DataError, Dataset, as_float, batches, binarized_test_set, load_dataset
 from checkpoint import UserError, atomic_safe_save, load_model, load_part, read_safetensors
-from vlae import quantile_grid, weights
-from kernels import batched, elbo_parts, generate_images, jit, jitted, load_programs, posterior_means, save_programs
+from vlae import jitted, quantile_grid, weights
+from arrays import batched, elbo_parts, generate_images, posterior_means
+import fast
 
 ACTIVE = 0.01               # Burda et al. 2015: a unit is active when Cov_x(E_q[z_u]) exceeds this
 ATTRIBUTES = ("identity", "thickness", "width", "slant")
@@ -130,7 +131,7 @@ def train_classifier(ds: Dataset, epochs: int, seed: int = 0) -> tuple[Classifie
     clf = Classifier()
     opt = nn.optim.Adam(nn.state.get_parameters(clf), lr=1e-3)
 
-    @jit
+    @TinyJit
     def step(x: Tensor, y: Tensor) -> Tensor:
         with Context(TRAINING=1):
             opt.zero_grad()
@@ -496,10 +497,9 @@ def check_args(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    load_programs()                                 # kernels compiled by earlier runs (kernels.load_programs)
+    fast.enable()                                   # speed only: fast/, docs/performance.md
     try:
         report = run_evaluation(args)
-        save_programs()
         run = Path(args.run)
         out = Path(args.out) if args.out else (run.parent if run.is_file() else run) / "evaluation.json"
         try:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor
 from vlae import (ELBO, LatentModel, ModelConfig, GaussianHead, conv_encoder, conv_features, conv_decoder, dense,
-                  gaussian_log_prob, init_weights, log_likelihood, lrelu, relu, reparameterize,
+                  gaussian_log_prob, init_weights, jitted, log_likelihood, lrelu, relu, reparameterize,
                   standard_normal_log_prob)
-from kernels import jitted
 
 
 class HVAE(LatentModel):

@@ -24,7 +24,8 @@ from data import DataError, as_float, binarized_test_set, load_dataset
 from files import image_grid, over_each_other, save_gif, save_png, side_by_side
 from vlae import QUANTILES, normal_quantiles, quantile_grid
 from checkpoint import PRETRAINED, UserError, default_run, load_model
-from kernels import generate_images, load_programs, reconstruct, save_programs
+from arrays import generate_images, reconstruct
+import fast
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,6 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="test images over their reconstructions: reconstructions.png")
     p.add_argument("--data-dir", default=None, help="folder holding <dataset>/ (default $VLAE_DATA, then ./data)")
     p.add_argument("--scale", type=int, default=2, help="pixels per image pixel in the PNGs (default %(default)s)")
+    p.add_argument("--plain", action="store_true", help="without the fast/ package (plain tinygrad layers; slower)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of all the noise: the same seed gives the same PNGs (default %(default)s)")
     return p.parse_args(argv)
@@ -339,11 +341,11 @@ def sample(args) -> list[Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    load_programs()                                 # kernels compiled by earlier runs (kernels.load_programs)
+    if not args.plain:
+        fast.enable()                               # speed only: fast/, docs/performance.md
     try:
         for path in sample(args):
             print(path)
-        save_programs()
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ import numpy as np
 from data import DataError, as_float, binarized_test_set, load_dataset
 from vlae import ModelConfig, SIZES
 from checkpoint import CHECKPOINT, atomic_safe_save, load_model
-from kernels import generate_images, load_programs, save_programs
+from arrays import generate_images
+import fast
 
 RESULTS = Path("study/results.jsonl")
 # Named recipes; any field can be overridden by its flag. "authors" is their code at the time of the paper
@@ -143,7 +144,7 @@ def recipe_of(cfg: ModelConfig, flags: dict) -> tuple[str, dict]:
 def run_study(args) -> None:
     import evaluate
     ds = load_dataset("mnist", args.data_dir)
-    load_programs()
+    fast.enable()
     if not args.train_only:
         clf, _ = evaluate.load_classifier(Path(args.classifier), ds, 2)
         _, test_features = evaluate.classify(clf, ds.test_x)
@@ -194,7 +195,6 @@ def run_study(args) -> None:
             on_cell = cell_writer(cfg, label, recipe, seed, folder, args.trainer)
             if args.trainer == "torch": torch_cells(args, cfg, recipe, seed, ds, on_cell)
             else: tinygrad_cells(args, cfg, recipe, seed, folder, on_cell)
-    save_programs()
 
 
 def checks(row: dict, measure: str | None = None) -> str:

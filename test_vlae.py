@@ -23,9 +23,11 @@ from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import Ops
 import checkpoint
 import data
+import arrays
 import evaluate
+import fast
+import fast.cache, fast.layers, fast.search
 import files
-import kernels
 import sample
 import train
 import vlae
@@ -110,26 +112,29 @@ def test_elbo_parts_add_up():
 
 
 @pytest.mark.parametrize("min_macs, split_min", [(0, None), (None, None), (None, 0)])
-def test_matmul_layers_equal_tinygrads(min_macs, split_min, monkeypatch):
-    """Conv4x4s2 and ConvTranspose4x4s2 (im2col / matmul + overlap-add) give tinygrad's Conv2d and ConvTranspose2d
-    outputs and gradients, with the same weights; so does kernels.Linear nn.Linear's, on an input that is a transposed
-    view. With min_macs=0 every product takes kernels.matmul_nt's own backward pass, else (these sizes) autograd's;
-    with split_min=0 the convolutions' weight gradients are summed in groups of rows first (kernels.split_rows). The
-    transposed convolution writes its patches' gradient out (write_patch_grad, the layers a BatchNorm follows) in the
-    first two cases and leaves it lazy (the image layer) in the third."""
-    if min_macs is not None: monkeypatch.setattr(kernels, "MATMUL_NT_MIN", min_macs)
+def test_fast_layers_equal_tinygrads(min_macs, split_min, monkeypatch):
+    """fast.layers' Conv4x4s2 and ConvTranspose4x4s2 (im2col / matmul + overlap-add) give tinygrad's Conv2d and
+    ConvTranspose2d outputs and gradients, with the same weights; so does its Linear nn.Linear's, on an input that is
+    a transposed view. With min_macs=0 every product takes matmul_nt's own backward pass, else (these sizes)
+    autograd's; with split_min=0 the convolutions' weight gradients are summed in groups of rows first (split_rows).
+    The transposed convolution writes its patches' gradient out (write_patch_grad) in the first two cases and leaves
+    it lazy in the third."""
+    fl = fast.layers
+    if min_macs is not None: monkeypatch.setattr(fl, "MATMUL_NT_MIN", min_macs)
     if split_min is not None:                             # both of split_rows' thresholds
-        monkeypatch.setattr(kernels, "SPLIT_MIN", split_min)
-        monkeypatch.setattr(kernels, "SPLIT_MIN_MACS", split_min)
+        monkeypatch.setattr(fl, "SPLIT_MIN", split_min)
+        monkeypatch.setattr(fl, "SPLIT_MIN_MACS", split_min)
     # narrow's first conv (256 weights over 19600 rows) is split, medium's (1024 weights) is not
-    assert kernels.split_rows(24, 240) == (4 if split_min == 0 else 1) and kernels.split_rows(19600, 256) == 140
-    assert kernels.split_rows(19600, 1024) == (140 if split_min == 0 else 1)
+    assert fl.split_rows(24, 240) == (4 if split_min == 0 else 1) and fl.split_rows(19600, 256) == 140
+    assert fl.split_rows(19600, 1024) == (140 if split_min == 0 else 1)
     rng = np.random.default_rng(0)
     normal = lambda *shape: Tensor(rng.standard_normal(shape, dtype=np.float32))
-    cases = ((vlae.Conv4x4s2(3, 5), nn.Conv2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 8, 6), normal(2, 5, 4, 3)),
-             (vlae.ConvTranspose4x4s2(3, 5, write_patch_grad=split_min is None),
-              nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 4, 3), normal(2, 5, 8, 6)),
-             (kernels.Linear(6, 4), nn.Linear(6, 4), normal(6, 7).T, normal(7, 4)))
+    transposed = fl.ConvTranspose4x4s2(3, 5, 4, stride=2, padding=1)
+    transposed.write_patch_grad = split_min is None
+    cases = ((fl.Conv4x4s2(3, 5, 4, stride=2, padding=1), nn.Conv2d(3, 5, 4, stride=2, padding=1),
+              normal(2, 3, 8, 6), normal(2, 5, 4, 3)),
+             (transposed, nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1), normal(2, 3, 4, 3), normal(2, 5, 8, 6)),
+             (fl.Linear(6, 4), nn.Linear(6, 4), normal(6, 7).T, normal(7, 4)))
     for ours, ref, x, up in cases:
         ref.weight, ref.bias = ours.weight, ours.bias
         results = []
@@ -139,15 +144,15 @@ def test_matmul_layers_equal_tinygrads(min_macs, split_min, monkeypatch):
         for a, b in zip(*results): np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 
-def test_batchnorm_equals_tinygrads():
-    """kernels.BatchNorm (sums per image, then over the batch) gives nn.BatchNorm's outputs, gradients and running
+def test_fast_batchnorm_equals_tinygrads():
+    """fast.layers.BatchNorm (sums per image, then over the batch) gives nn.BatchNorm's outputs, gradients and running
     statistics in training, and its outputs in evaluation, on images and on vectors."""
     rng = np.random.default_rng(0)
     normal = lambda *shape: Tensor(rng.standard_normal(shape, dtype=np.float32))
     for shape in ((4, 5, 6, 3), (7, 5)):
         x, up, weight, bias = normal(*shape) * 3 + 1, normal(*shape), normal(5), normal(5)
         results = []
-        for layer in (kernels.BatchNorm(5), nn.BatchNorm(5)):
+        for layer in (fast.layers.BatchNorm(5), nn.BatchNorm(5)):
             layer.weight, layer.bias = weight, bias
             with Context(TRAINING=1):
                 y = layer(x)
@@ -157,12 +162,123 @@ def test_batchnorm_equals_tinygrads():
         for a, b in zip(*results): np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
 
 
+FAST_TOLERANCE = 1e-4     # fast path against plain: max |difference| <= this x the largest |value| (fast_against_plain)
+
+
+def fast_against_plain(size: str, batch: int, model: str = "vlae") -> dict:
+    """The same model (seed 0) plain and with fast.layers' forms (accelerate), on one batch and one draw of z, in
+    training mode: {name: max |fast - plain| / max |plain|} over the per-example ELBO, the loss train.py minimises
+    (KL weight 0.5), every parameter's gradient (over the largest gradient entry of the network) and the BatchNorm
+    running statistics after the step."""
+    x = Tensor(np.random.default_rng(0).uniform(size=(batch, 1, 28, 28)).astype(np.float32))
+    results = []
+    for accelerated in (False, True):
+        Tensor.manual_seed(0)
+        net = checkpoint.MODELS[model](ModelConfig(model=model, size=size, latent_dims=(2, 2)))   # every layer kind
+        if accelerated: fast.layers.accelerate(net)
+        state = vlae.weights(net)
+        params = {k: t for k, t in state.items() if "running" not in k and "num_batches" not in k}
+        Tensor.manual_seed(1)
+        with Context(TRAINING=1):
+            out = net.elbo(x)
+            loss = (0.5 * Tensor.stack(*out.kl, dim=1).mean(axis=0)).sum() - out.recon.mean()
+            grads = dict(zip((f"grad {k}" for k in params), loss.gradient(*params.values())))
+            tensors = {"elbo": out.elbo, "loss": loss, **grads} | {k: t for k, t in state.items() if "running" in k}
+            Tensor.realize(*tensors.values())
+        results.append({k: t.numpy().astype(np.float64) for k, t in tensors.items()})
+    plain, fast_ = results
+    assert plain.keys() == fast_.keys() and len(plain) > 2 + len(params)
+    # a gradient against the network's largest gradient entry: the biases before a BatchNorm have a gradient of
+    # exactly 0 in exact arithmetic, rounding-sized in either form
+    largest_grad = max(np.abs(v).max() for k, v in plain.items() if k.startswith("grad "))
+    scale = {k: largest_grad if k.startswith("grad ") else max(np.abs(v).max(), 1e-30) for k, v in plain.items()}
+    return {k: float(np.abs(fast_[k] - plain[k]).max() / scale[k]) for k in plain}
+
+
+@pytest.mark.parametrize("dev, size, batch, noopt", [("CPU", "tiny", 4, "0"), ("CL", "narrow", 8, "1")])
+def test_fast_path_computes_the_plain_function(dev, size, batch, noopt):
+    """The contract of fast/: a network with fast.layers' forms computes the plain network's function: the per-example
+    ELBO, the loss, every parameter's gradient and the BatchNorm running statistics, each within FAST_TOLERANCE
+    (fast_against_plain). In a fresh process: the tiny VLAE on DEV=CPU with tinygrad's kernel optimizations on
+    (NOOPT=0), the narrow one on DEV=CL (pocl) without."""
+    if dev == "CL": need_opencl()
+    code = (f"import json, fast, test_vlae; fast.enable(); "           # (enable: kernels built in parallel on CL)
+            f"print(json.dumps(test_vlae.fast_against_plain({size!r}, {batch})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          env=os.environ | {"DEV": dev, "NOOPT": noopt})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(err.values()) <= FAST_TOLERANCE, sorted(err.items(), key=lambda kv: -kv[1])[:5]
+
+
+@pytest.mark.parametrize("model", ["vlae", "hvae"])
+def test_fast_layers_take_every_layer_with_the_same_weights(model):
+    """fast.layers.accelerate gives every tinygrad layer of either model its fast form, in place: the same Tensors
+    under the same names (so checkpoints and the PyTorch mirror's state dicts load either way)."""
+    Tensor.manual_seed(0)
+    net = checkpoint.MODELS[model](ModelConfig(model=model, size="tiny"))
+    before = vlae.weights(net)
+    fast.layers.accelerate(net)
+    after = vlae.weights(net)
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+    owners = []
+    def walk(obj):
+        if isinstance(obj, list): [walk(o) for o in obj]
+        elif isinstance(obj, (nn.Linear, nn.BatchNorm, nn.Conv2d, nn.ConvTranspose2d)): owners.append(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, Tensor): [walk(v) for v in vars(obj).values()]
+    walk(net)
+    assert owners and all(type(o).__module__ == "fast.layers" for o in owners), \
+        sorted({type(o).__name__ for o in owners if type(o).__module__ != "fast.layers"})
+    transposed = [o for o in owners if isinstance(o, fast.layers.ConvTranspose4x4s2)]
+    assert [o.write_patch_grad for o in transposed] == [True] * (len(transposed) - 1) + [False]   # BN follows
+
+
+def test_importing_the_models_loads_no_speed_machinery():
+    """vlae.py and hvae.py read as the paper: importing them loads no fast/ module and no tinygrad module beyond what
+    `import tinygrad, tinygrad.nn` loads, and changes no environment variable."""
+    code = """import json, os, sys
+env = dict(os.environ)
+import tinygrad, tinygrad.nn
+before = set(sys.modules)
+import vlae, hvae
+new = sorted(m for m in set(sys.modules) - before if m.startswith(("tinygrad", "fast", "kernels")))
+print(json.dumps({"new": new, "env_changed": dict(os.environ) != env}))"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"new": [], "env_changed": False}
+
+
+def test_program_cache_is_loaded_only_when_trusted(tmp_path, monkeypatch, capsys):
+    """The kernel cache is a pickle, which runs code when read: a cache file or folder that others may write is
+    ignored (and not written to), with one line on stderr saying why."""
+    import stat as st
+    monkeypatch.setattr(fast.cache, "CACHEDB", str(tmp_path / "cache.db"))
+    monkeypatch.setattr(fast.cache, "_untrusted", set())
+    path = fast.cache.program_cache_path()
+    path.write_bytes(b"not a pickle: reading it would print a note")
+    for folder_mode, file_mode in ((0o777, 0o644), (0o755, 0o666)):
+        monkeypatch.setattr(fast.cache, "_untrusted", set())
+        tmp_path.chmod(folder_mode)
+        path.chmod(file_mode)
+        monkeypatch.setattr(fast.cache, "_saved", {"programs": 0, "schedules": 0, "searched": set(),
+                                                   "other_settings": {}, "stat": None, "dirty": True})
+        fast.cache.load_programs()
+        fast.cache.save_programs()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "ignoring the kernel cache" in err[0] and "unreadable" not in err[0], err
+        assert path.read_bytes().startswith(b"not a pickle")                  # not replaced either
+    tmp_path.chmod(0o700)
+    path.chmod(0o600)
+    fast.cache.load_programs()
+    assert "ignoring the unreadable kernel cache" in capsys.readouterr().err         # trusted: read (and unreadable)
+
+
 def test_program_cache_round_trip(tmp_path, monkeypatch, capsys):
     """Compiled kernels saved by one run are used by the next (tinygrad does not lower them again), and so are
     schedules, under the same settings only; an unreadable cache file is ignored with a note, and VLAE_PROGRAM_CACHE=0
     turns the cache off."""
     import tinygrad.codegen, tinygrad.schedule
-    monkeypatch.setattr(kernels, "CACHEDB", str(tmp_path / "cache.db"))
+    monkeypatch.setattr(fast.cache, "CACHEDB", str(tmp_path / "cache.db"))
     monkeypatch.setattr(tinygrad.codegen, "to_program_cache", {})
     schedules = tinygrad.schedule.schedule_cache        # (emptied in place: tinygrad's rewrite rules hold this dict)
     kept = dict(schedules)
@@ -175,43 +291,44 @@ def test_program_cache_round_trip(tmp_path, monkeypatch, capsys):
 
 def program_cache_round_trip(tmp_path, monkeypatch, capsys, schedules):
     import tinygrad.codegen
-    monkeypatch.setattr(kernels, "_saved", {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {},
+    monkeypatch.setattr(fast.cache, "_saved", {"programs": 0, "schedules": 0, "searched": set(), "other_settings": {},
                                             "stat": None})
     x = Tensor(np.arange(12, dtype=np.float32).reshape(3, 4))
     np.testing.assert_allclose((x * 3 + 1).sum(axis=1).numpy(), [22, 70, 118])
-    kernels.save_programs()
-    path = kernels.program_cache_path()
+    fast.cache.save_programs()
+    path = fast.cache.program_cache_path()
     assert path.parent == tmp_path and path.exists() and len(tinygrad.codegen.to_program_cache) > 0
     saved = set(schedules)
     assert len(saved) > 0
     tinygrad.codegen.to_program_cache.clear()
     schedules.clear()
-    kernels.load_programs()                     # the file this process wrote, unchanged: not read again
+    fast.cache.load_programs()                     # the file this process wrote, unchanged: not read again
     assert len(tinygrad.codegen.to_program_cache) == 0 and len(schedules) == 0
-    kernels._saved["stat"] = None                                       # from here on, as a new process
+    fast.cache._saved["stat"] = None                                       # from here on, as a new process
     monkeypatch.setenv("BEAM", "3")                                     # other settings: their own schedules
-    kernels.load_programs()
+    fast.cache.load_programs()
     assert len(tinygrad.codegen.to_program_cache) > 0 and len(schedules) == 0
     monkeypatch.delenv("BEAM")
-    kernels.load_programs()
+    fast.cache.load_programs()
     assert set(schedules) == saved                                       # (keyed by the graph's structure)
     def no_lowering(*args): raise AssertionError("a cached kernel was lowered again")
     monkeypatch.setattr(tinygrad.codegen, "do_to_program", no_lowering)
     y = Tensor(np.ones((3, 4), dtype=np.float32))
     np.testing.assert_allclose((y * 3 + 1).sum(axis=1).numpy(), [16, 16, 16])     # same kernels, new data
-    # a graph through kernels.matmul_nt (a custom gradient) has the same text in every process: no address in it
-    call = next(u for u in kernels._matmul_nt(x, y).uop.toposort() if u.op is Ops.FUNCTION).arg
-    assert "matmul_nt" in repr(call) and str(id(kernels._matmul_nt_grad)) not in repr(call)
+    # a graph through matmul_nt (a custom gradient) has the same text in every process: no address in it
+    fast.cache.name_custom_gradients()
+    call = next(u for u in fast.layers._matmul_nt(x, y).uop.toposort() if u.op is Ops.FUNCTION).arg
+    assert "matmul_nt" in repr(call) and str(id(fast.layers._matmul_nt_grad)) not in repr(call)
     path.write_bytes(b"not a pickle")
-    kernels.load_programs()
+    fast.cache.load_programs()
     assert "ignoring the unreadable kernel cache" in capsys.readouterr().err
     monkeypatch.setenv("VLAE_PROGRAM_CACHE", "0")
-    assert kernels.program_cache_path() is None
+    assert fast.cache.program_cache_path() is None
 
 
 def test_kernel_search_keeps_a_kernel_only_where_it_is_faster(monkeypatch):
-    """After the search, search_slowest times the step again with the searched kernels (kernels.step_program_times)
-    and kernels.keep_faster puts tinygrad's default program back where the searched one was not faster per call (a
+    """After the search, search_slowest times the step again with the searched kernels (fast.search.step_program_times)
+    and fast.search.keep_faster puts tinygrad's default program back where the searched one was not faster per call (a
     greedy BEAM from the unoptimized kernel can end slower than tinygrad's heuristics). Programs stand in as named
     objects here: a real search takes minutes."""
     import tinygrad.codegen
@@ -228,7 +345,7 @@ def test_kernel_search_keeps_a_kernel_only_where_it_is_faster(monkeypatch):
     found.append((("key", 9), program("r_9"), program("searched_9"), 10.0, 1, None, None))   # not run again
     cache[("key", 9)] = found[-1][2]
     after = {id(f[2]): [f[5], f[6], f[2]] for f in found if f[5] is not None}
-    report = kernels.keep_faster([f[:5] for f in found], after)
+    report = fast.search.keep_faster([f[:5] for f in found], after)
     assert [(name, kept) for name, _, _, kept in report] == [("r_0", True), ("r_1", False), ("r_2", True),
                                                              ("r_3", False), ("r_9", False)]
     assert [round(r[2], 6) for r in report[:4]] == [4.0, 12.0, 9.0, 12.0]      # per call, times the calls before
@@ -238,7 +355,7 @@ def test_kernel_search_keeps_a_kernel_only_where_it_is_faster(monkeypatch):
 
 @pytest.mark.parametrize("searched_ms, kept", [(1.0, True), (6.0, False)])
 def test_kernel_search_keeps_kernels_only_where_the_whole_step_is_faster(monkeypatch, searched_ms, kept):
-    """kernels.keep_if_step_faster: two trainers, one captured with the searched programs in tinygrad's kernel cache
+    """fast.search.keep_if_step_faster: two trainers, one captured with the searched programs in tinygrad's kernel cache
     and one with the default ones, step in turn; the searched programs stay only if the step with them is faster
     (a real search takes minutes: here a trainer's step sleeps as long as its programs take)."""
     import tinygrad.codegen
@@ -252,8 +369,9 @@ def test_kernel_search_keeps_kernels_only_where_the_whole_step_is_faster(monkeyp
         def step(self, x, beta):
             time.sleep(self.ms / 1e3)
             return SimpleNamespace(numpy=lambda: None)
-    report, with_them, without = kernels.keep_if_step_faster(Trainer, None, None, [("key", default, searched, 9, 1)],
-                                                            [("r_0", 9.0, 2.0, True)], reps=5)
+    report, with_them, without = fast.search.keep_if_step_faster(Trainer, None, None,
+                                                                [("key", default, searched, 9, 1)],
+                                                                [("r_0", 9.0, 2.0, True)], reps=5)
     assert report == [("r_0", 9.0, 2.0, kept)] and (with_them < without) == kept
     assert cache["key"] is (searched if kept else default) and without >= 3e-3 and with_them >= searched_ms / 1e3
 
@@ -275,11 +393,11 @@ def test_gradients_reach_every_layer(combiner):
 
 
 def test_generated_images_are_a_function_of_the_noise():
-    """kernels.generate_images: noise of any leading shape, padded to the jit's batch, gives the same images as the
+    """arrays.generate_images: noise of any leading shape, padded to the jit's batch, gives the same images as the
     model's own generate on those rows."""
     model = tiny()
     eps = [np.random.default_rng(3).standard_normal((2, 3, 2)).astype(np.float32) for _ in range(3)]
-    a = kernels.generate_images(model, eps)
+    a = arrays.generate_images(model, eps)
     assert a.shape == (2, 3, 1, 28, 28) and ((a >= 0) & (a <= 1)).all()
     b = model.generate([Tensor(e.reshape(6, 2)) for e in eps]).numpy().reshape(a.shape)
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -818,7 +936,7 @@ def need_opencl() -> None:
 def test_opencl_backend_trains_saves_and_sweeps_like_the_cpu(tmp_path):
     """tinygrad's OpenCL backend (DEV=CL: the path of AMD, Intel and older NVIDIA GPUs; in CI, Debian's pocl runs it
     on the CPU): two training steps, the checkpoint they write loaded again by sample.py, and a sweep, each matching
-    the CPU backend's numbers within float tolerance (their kernels launched by kernels.CLGraph)."""
+    the CPU backend's numbers within float tolerance (their kernels launched by fast.cl.CLGraph)."""
     mnist_folder()
     need_opencl()
     here, results = Path(__file__).parent, {}
@@ -852,27 +970,29 @@ import numpy as np
 import tinygrad.runtime.ops_cl as ops_cl
 from tinygrad import Tensor
 from tinygrad.uop.ops import Ops
-import kernels
-kernels.load_programs()                                   # as every script starts: installs kernels.build_ahead
+import fast
+from fast.search import step_calls
+from tinygrad import TinyJit
+fast.enable()                                             # as every script starts: installs CLGraph and build_ahead
 built, build = [], ops_cl.CLCompiler.compile              # programs built in this (the main) process
 ops_cl.CLCompiler.compile = lambda self, src: built.append(src) or build(self, src)
 rng = np.random.default_rng(0)
 w = Tensor(rng.standard_normal((16, 8), dtype=np.float32)).realize()
 built.clear()                                             # one kernel alone is lowered and built here
-f = kernels.jit(lambda x, y: ((x @ w).relu() * y + x.sum(axis=1, keepdim=True)).exp2().realize())
+f = TinyJit(lambda x, y: ((x @ w).relu() * y + x.sum(axis=1, keepdim=True)).exp2().realize())
 xs = [rng.standard_normal((4, 16), dtype=np.float32) for _ in range(5)]
 ys = [rng.standard_normal((4, 8), dtype=np.float32) for _ in range(5)]
 outs = [f(Tensor(x), Tensor(y)).numpy() for x, y in zip(xs, ys)]     # new input buffers at every call
 want = [np.exp2(np.maximum(x @ w.numpy(), 0) * y + x.sum(1, keepdims=True)) for x, y in zip(xs, ys)]
 graphs = sum(c.src[0].op is Ops.CUSTOM_FUNCTION and c.src[0].arg == "graph" for c in f.captured.linear.src)
-print(json.dumps({"graphs": graphs, "kernels": len(kernels.step_calls(f)), "built_here": len(built),
+print(json.dumps({"graphs": graphs, "kernels": len(step_calls(f)), "built_here": len(built),
                   "outs": [o.tolist() for o in outs],
                   "max_err": max(float(np.abs(o - t).max() / np.abs(t).max()) for o, t in zip(outs, want))}))
 """
 
 
 def test_opencl_graph_and_build_ahead_compute_as_tinygrad_does(tmp_path):
-    """kernels.CLGraph (a jit's kernels launched in one batch) and kernels.build_ahead (kernels built by tinygrad's
+    """fast.cl.CLGraph (a jit's kernels launched in one batch) and fast.cl.build_ahead (kernels built by tinygrad's
     worker processes), the defaults on OpenCL, against tinygrad's own launches and builds (VLAE_CL_GRAPH=0,
     VLAE_CL_BUILD_AHEAD=0), each from empty caches: the same numbers bit for bit, also when the jit's inputs are new
     buffers at every call, right against numpy; with build_ahead the main process builds none of the jit's kernels."""

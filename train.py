@@ -21,7 +21,8 @@ from tinygrad.helpers import tqdm
 from data import DATASETS, DataError, as_float, batches, binarized_test_set, load_dataset
 from files import image_grid, line_charts, over_each_other, save_png
 from vlae import ModelConfig, SIZES, n_params, weights
-from kernels import elbo_parts, generate_images, jit, load_programs, on_cpu, save_programs, search_slowest
+from arrays import elbo_parts, generate_images
+import fast
 from checkpoint import (CHECKPOINT, MODELS, StopSignals, Stopped, UserError, build_model, checkpoint_tensors,
                         load_weights, optimizer_state, read_checkpoint, save_checkpoint)
 
@@ -55,24 +56,13 @@ class Trainer:
         # and read at log points, so that naming the exact step costs no sync per step
         self.steps = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
         self.first_bad = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
-        # Everything the step reads and updates is made a buffer now: left lazy, the initial weights' random draws and
-        # Adam's zero moments would be folded into the first step's graph, which then takes 2-3x longer to build
+        # Everything the step reads and updates is made a buffer now, not folded into the first step's graph
         Tensor.realize(*weights(model).values(), *optimizer_state(self.opt).values(), self.opt.lr)
-        self.jit = jit(self._step)
-        # TinyJit runs a function once plainly before it captures it, so that state left lazy (fresh weights, Adam's
-        # zero moments) is made on the first call and not replayed at every call after; here that state is made
-        # just above, so the first call can capture: a first step shorter by one build of the graph and one run
-        # (cached warm-up, bench.py on OpenCL: paper 5.1 -> 4.4 s, narrow 3.0 -> 1.8 s; README Performance)
-        self.jit.cnt = 1
+        self.jit = fast.jit(self._step)                             # tinygrad's TinyJit unless fast/ is on
 
     def step(self, x: Tensor, beta: Tensor) -> Tensor:
-        """One jitted training step (see _step). The first call builds the graph, compiles it and captures it (the
-        state it reads and updates is already made), and from then on each call replays the captured kernels;
-        after the capture the compiled kernels are saved for the next run (kernels.save_programs)."""
-        stats = self.jit(x, beta)
-        if self.jit.cnt == 2:
-            save_programs()
-        return stats
+        """One jitted training step (_step): compiled and captured once, then replayed."""
+        return self.jit(x, beta)
 
     def step_tensors(self, x: Tensor, beta: Tensor) -> tuple[list[Tensor], Tensor]:
         """The graph of one Adam step on a batch x (B, C, H, W), not yet run: the tensors to realize (new weights
@@ -94,23 +84,6 @@ class Trainer:
             tensors, stats = self.step_tensors(x, beta)
             Tensor.realize(*tensors)
             return stats
-
-
-def default_kernel_search() -> int:
-    """How many of the step's slowest kernels to search when --kernel-search is not given: none on OpenCL run by a
-    CPU (pocl), where the search kept 0 of 2 kernels at `medium` in two default runs (each searched kernel slower
-    than tinygrad's own in the step: 416 and 309 s for nothing), 0 of 3 at `paper`, and at `narrow` made the step no
-    faster (README, Performance); 2 elsewhere (the CPU backend's narrow step got 1.23x faster; GPUs: not measured
-    here, and where tinygrad's search is made for)."""
-    return 0 if Device.DEFAULT.split(":")[0] == "CL" and on_cpu(Device.DEFAULT) else 2
-
-
-def search_kernels(cfg: ModelConfig, batch_size: int, top: int | None) -> list:
-    """Kernel search on the `top` slowest kernels of this network's training step (kernels.search_slowest); None:
-    default_kernel_search()."""
-    top = default_kernel_search() if top is None else top
-    return search_slowest(lambda: Trainer(build_model(cfg), lr=1e-3), (batch_size, *cfg.image_shape), top,
-                          label=json.dumps(cfg.to_dict(), sort_keys=True))
 
 
 class Run:
@@ -216,7 +189,6 @@ class Run:
         except OSError as e:
             raise UserError(f"could not write to {args.out} ({e.strerror}); free disk space and --resume, or choose "
                             f"another --out. {self.path} holds epoch {self.epoch}") from None
-        save_programs()                                 # the evaluation and sampling kernels too
         print(f"epoch {self.epoch}: test ELBO {self.metrics['test_elbo']:.2f} nats (recon "
               f"{self.metrics['test_recon']:.2f}, KL per layer {' '.join(f'{k:.2f}' for k in self.metrics['test_kl'])})"
               f", {self.metrics['images_per_second']:.0f} images/s; wrote {self.path}", file=sys.stderr)
@@ -227,8 +199,9 @@ def train(args) -> dict:
     cfg, ds, state, meta = setup(args)
     binarize = cfg.likelihood == "bernoulli"
     test_x = binarized_test_set(ds.test_x) if binarize else as_float(ds.test_x)     # CelebA is kept as uint8
-    load_programs()                                             # kernels compiled by earlier runs
-    search_kernels(cfg, args.batch_size, args.kernel_search)    # once per network and device; not under NOOPT
+    if not args.plain:
+        fast.enable()                                           # speed only: fast/, docs/performance.md
+    fast.search_kernels(lambda: Trainer(build_model(cfg), lr=1e-3), cfg, args.batch_size, args.kernel_search)
     Tensor.manual_seed(args.seed)                               # after the search, which draws random numbers
     run = Run(Trainer(build_model(cfg), args.lr), cfg, args)
     if args.resume:
@@ -296,6 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel-search", type=int, default=None, metavar="N", help="tinygrad's kernel search (BEAM) on "
                    "the N slowest kernels of the step, once per network and device (default: 0 on OpenCL on a CPU, "
                    "where it found nothing faster, 2 elsewhere; 0: off)")
+    p.add_argument("--plain", action="store_true", help="without the fast/ package: the model's plain tinygrad layers "
+                   "and jit (slower; the same function up to float rounding)")
     args = p.parse_args(argv)
     p.set_defaults(**{k: None for k in vars(args)})              # parsed again without defaults: what was given
     args.given = {k for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -316,7 +291,7 @@ def latent_dims(text: str) -> tuple:
 def default_size() -> str:
     """The authors' network on an accelerator; on a CPU (OpenCL on a CPU too), `medium`: the narrowest network with
     which the recipe study (study.py) reproduces the paper's Fig. 5 in 2 of 3 seeds after 3 epochs."""
-    return "medium" if on_cpu(Device.DEFAULT) else "paper"
+    return "medium" if fast.on_cpu(Device.DEFAULT) else "paper"
 
 
 def model_config(args, image_shape: tuple) -> ModelConfig:

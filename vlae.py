@@ -16,9 +16,8 @@ import math, statistics
 import numpy as np
 from dataclasses import dataclass, asdict, field
 from typing import NamedTuple
-from tinygrad import Tensor, nn
+from tinygrad import Tensor, TinyJit, nn
 from tinygrad.nn.state import get_state_dict
-from kernels import BatchNorm, Linear, matmul_nt
 
 # Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units;
 # `medium` has the authors' convolutions and narrow's dense layers (in study.py it keeps stroke thickness in the bottom
@@ -71,7 +70,7 @@ def relu(x: Tensor) -> Tensor: return x.relu()
 
 def dense(n_in: int, n_out: int, act=None) -> list:
     """Linear -> BatchNorm -> activation, the unit every MLP in the authors' networks is made of."""
-    return [Linear(n_in, n_out), BatchNorm(n_out), act] if act else [Linear(n_in, n_out)]
+    return [nn.Linear(n_in, n_out), nn.BatchNorm(n_out), act] if act else [nn.Linear(n_in, n_out)]
 
 
 def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
@@ -82,65 +81,11 @@ def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
     return layers + dense(hidden, hidden)
 
 
-class Conv4x4s2(nn.Conv2d):
-    """nn.Conv2d(c_in, c_out, 4, stride=2, padding=1): the same weights and outputs, computed as one matrix product.
-    tinygrad differentiates a strided convolution into a dilated one, several times slower than a matmul on a CPU;
-    gathering each output's 4x4 input window first (im2col) makes the forward and backward passes matmuls.
-    The gradient with respect to x (the patches' gradient added back onto the pixels they came from) is written out
-    once (contiguous_backward): left lazy, each of its readers (the BatchNorm below's two sums and its input
-    gradient, the leaky ReLU's mask) recomputes that gather inside its own loop (the narrow step: 4 such sums, 4.0
-    of 75 ms, README Performance)."""
-    def __init__(self, c_in: int, c_out: int): super().__init__(c_in, c_out, 4, stride=2, padding=1)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        x = x.contiguous_backward()
-        B, C, H, W = x.shape
-        h, w = H // 2, W // 2
-        # the padded input in 2x2 cells: cells[b, c, i, r, j, s] = x_pad[b, c, 2i + r, 2j + s]
-        cells = x.pad((1, 1, 1, 1)).reshape(B, C, h + 1, 2, w + 1, 2)
-        # output (i, j) reads cells i + q, j + t (q, t in {0, 1}), i.e. kernel row 2q + r and column 2t + s
-        windows = Tensor.stack(*[cells[:, :, q:q + h, :, t:t + w, :] for q in (0, 1) for t in (0, 1)], dim=-1)
-        windows = windows.reshape(B, C, h, 2, w, 2, 2, 2).permute(0, 2, 4, 1, 6, 3, 7, 5)   # (B, i, j, c, q, r, t, s)
-        patches = windows.reshape(B * h * w, C * 16).contiguous().contiguous_backward()   # dy @ W: a plain matrix
-        y = matmul_nt(patches, self.weight.reshape(-1, C * 16)) + self.bias                # weight[o, c, 2q+r, 2t+s]
-        return y.reshape(B, h, w, -1).permute(0, 3, 1, 2)
-
-
-class ConvTranspose4x4s2(nn.ConvTranspose2d):
-    """nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1): the same weights and outputs, computed as one matrix
-    product and an overlap-add. tinygrad's own transposed convolution convolves an input with zeros inserted between
-    its pixels, so 3 of every 4 multiply-adds are with zeros.
-    write_patch_grad: the patches' gradient is written out before the product's backward pass reads it. It is a
-    gather from the output's gradient, here a BatchNorm's backward; left lazy, the two backward products read each
-    element c_in or more times and recompute it each time inside their loops (the narrow decoder's first layer:
-    5.5 of 75 ms). conv_decoder sets it where a BatchNorm follows; for the image layer it paid nothing at narrow or
-    medium width and would change medium's rounding, so the default run's numbers (README Performance). From
-    MATMUL_NT_MIN on, matmul_nt's backward writes it out anyway."""
-    def __init__(self, c_in: int, c_out: int, write_patch_grad: bool = False):
-        super().__init__(c_in, c_out, 4, stride=2, padding=1)
-        self.write_patch_grad = write_patch_grad
-
-    def __call__(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        # every input pixel (i, j) spreads a 4x4 patch:
-        # patch[b, i, j, o, q, r, t, s] = sum_c x[b, c, i, j] * weight[c, o, 2q + r, 2t + s]
-        patch = matmul_nt(x.permute(0, 2, 3, 1).reshape(B * H * W, C), self.weight.reshape(C, -1).T)
-        if self.write_patch_grad:
-            patch = patch.contiguous_backward()
-        patch = patch.reshape(B, H, W, -1, 2, 2, 2, 2)
-        # ... onto rows 2(i + q) + r and columns 2(j + t) + s of the (2H + 2, 2W + 2) output before cropping: the
-        # q = 1 (t = 1) quarter lands one 2x2 cell further down (right), so the overlap-add is 4 shifted sums
-        def quarter(q, t): return patch[:, :, :, :, q, :, t, :].pad(((0, 0), (q, 1 - q), (t, 1 - t), None, None, None))
-        full = quarter(0, 0) + quarter(0, 1) + quarter(1, 0) + quarter(1, 1)                # (B, H+1, W+1, o, r, s)
-        full = full.permute(0, 3, 1, 4, 2, 5).reshape(B, -1, 2 * H + 2, 2 * W + 2)
-        return full[:, :, 1:-1, 1:-1] + self.bias.reshape(1, -1, 1, 1)                    # padding=1 crops 1 pixel
-
-
 def conv_encoder(image_shape: tuple, channels: tuple) -> list:
     """x (B, C, H, W) -> features (B, c_last * H/2^n * W/2^n): n 4x4 stride-2 convolutions, BN, leaky ReLU."""
     layers, c_in = [], image_shape[0]
     for c in channels:
-        layers += [Conv4x4s2(c_in, c), BatchNorm(c), lrelu]
+        layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.BatchNorm(c), lrelu]
         c_in = c
     return layers + [lambda x: x.flatten(1)]
 
@@ -159,10 +104,9 @@ def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
     outs = list(reversed(channels[:-1])) + [c_img]
     c_in = c0
     for i, c in enumerate(outs):
-        batchnorm_follows = i < len(outs) - 1
-        layers.append(ConvTranspose4x4s2(c_in, c, write_patch_grad=batchnorm_follows))
-        if batchnorm_follows:
-            layers += [BatchNorm(c), relu]
+        layers.append(nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1))
+        if i < len(outs) - 1:                                       # the last one emits the image's logits
+            layers += [nn.BatchNorm(c), relu]
         c_in = c
     return layers
 
@@ -170,7 +114,7 @@ def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
 class GaussianHead:
     """h -> (mu, sigma) of a diagonal Gaussian. sigma = sigmoid(.) + 0.001 as in the authors' code."""
     def __init__(self, n_in: int, n_out: int):
-        self.mu, self.sigma = Linear(n_in, n_out), Linear(n_in, n_out)
+        self.mu, self.sigma = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
 
     def __call__(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return self.mu(h), self.sigma(h).sigmoid() + 0.001
@@ -178,9 +122,8 @@ class GaussianHead:
 
 def reparameterize(mu: Tensor, sigma: Tensor, eps: Tensor | None = None) -> Tensor:
     """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2013): a sample that gradients flow through.
-    A sample drawn here is written out (contiguous): the products that read z (the next dense layer, its weight
-    gradient) would otherwise redo the draw, tinygrad's Box-Muller transform of counter-based random bits, for
-    every element they read (the narrow step: 3 kernels, 2.3 of 75 ms). The same numbers either way."""
+    A sample drawn here is written out (contiguous), drawn once: left lazy, every kernel that reads z would redo
+    tinygrad's random draw for each element it reads. The same numbers either way."""
     if eps is None:
         return (mu + sigma * Tensor.randn(*mu.shape)).contiguous()
     return mu + sigma * eps
@@ -216,7 +159,7 @@ def log_likelihood(x: Tensor, logits: Tensor, cfg: ModelConfig) -> Tensor:
 
 def weights(model) -> dict[str, Tensor]:
     """The model's state (weights and BatchNorm statistics) by name: get_state_dict without private attributes, such
-    as the TinyJits kernels.jitted keeps on a model (model._generate_jit, ...) and the buffers they captured."""
+    as the TinyJits `jitted` keeps on a model (model._generate_jit, ...) and the buffers they captured."""
     return {k: v for k, v in get_state_dict(model).items() if not any(part.startswith("_") for part in k.split("."))}
 
 
@@ -256,9 +199,16 @@ def quantile_grid(n: int) -> np.ndarray:
     return np.stack(np.meshgrid(q, q), axis=-1)
 
 
+def jitted(obj, name: str, fn) -> TinyJit:
+    """TinyJit(fn), made on first use and kept on obj as the private attribute _<name>_jit, so that each function
+    compiles once per model (arrays.py runs the models so over numpy arrays); weights() skips what it captures."""
+    if f"_{name}_jit" not in vars(obj):
+        setattr(obj, f"_{name}_jit", TinyJit(fn))
+    return getattr(obj, f"_{name}_jit")
+
+
 class LatentModel:
-    """What both models share. Subclasses define cfg, encode(x), decode_logits(zs) and generate(eps); kernels.py runs
-    these jitted over numpy arrays (generate_images, reconstruct, elbo_parts)."""
+    """What both models share. Subclasses define cfg, encode(x), decode_logits(zs) and generate(eps)."""
     cfg: ModelConfig
 
     @property

@@ -6,7 +6,7 @@ products can get on a device, whatever picks their optimizations (README, Perfor
     python bench/kernel_opts.py 100x1024x1024 --layout nn --opts "THREAD:1:2,UPCAST:0:4,UPCAST:1:16" --torch
     DEV=CL python bench/kernel_opts.py 100x1024x1024 --beam 2      # minutes: every candidate is compiled by pocl
 
-MxKxN: out (M, N) = a (M, K) times b; --layout nt: b is (N, K) and out = a @ b.T (kernels.matmul_nt's forward),
+MxKxN: out (M, N) = a (M, K) times b; --layout nt: b is (N, K) and out = a @ b.T (fast.layers.matmul_nt's forward),
 nn: b is (K, N), tn: a is stored (K, M). An --opts list is OP:AXIS:AMOUNT items (tinygrad's OptOps: UPCAST,
 UNROLL, LOCAL, THREAD, SWAP, ...), applied in order to the kernel's axes (M, N, K).
 """
@@ -14,7 +14,7 @@ import argparse, sys, time
 from dataclasses import replace
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import plain                                            # a kernel's name without tinygrad's colours
+from fast.search import plain                                          # a kernel's name without tinygrad's colours
 
 
 def main() -> int:

@@ -5,7 +5,7 @@
 
 A layer y = x @ w.T (x: (M, K), w: (N, K)) needs three products per training step: y itself, whose two operands
 both run along the summed axis K in memory ("x @ w.T"), and in the backward pass dx = dy @ w and dw = dy.T @ x,
-which read w, or dy and x, across the summed axis. Each is timed as autograd writes it and as kernels.matmul_nt's
+which read w, or dy and x, across the summed axis. Each is timed as autograd writes it and as fast.layers.matmul_nt's
 backward writes it (the product of transposed copies, copies included). Median of --reps runs of 10 products each,
 after 3 to compile and capture.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import grad_a_nt, grad_b_nt
+from fast.layers import grad_a_nt, grad_b_nt
 
 # (M, K, N) of the paper network's products at batch 100: a 1024-unit dense layer; the second convolution's im2col
 # product (100 x 7 x 7 positions, 64 channels x 4 x 4 window, 128 filters); the dense layer on its 6272 features
@@ -23,7 +23,7 @@ SHAPES = "100x1024x1024,4900x1024x128,100x6272x1024"
 
 
 def products(x, w, dy) -> dict:
-    """The five products, on tinygrad Tensors or torch tensors (kernels' formulas use only what both have)."""
+    """The five products, on tinygrad Tensors or torch tensors (fast.layers' formulas use only what both have)."""
     return {"y = x @ w.T": lambda: x @ w.T,
             "dx = dy @ w (autograd)": lambda: dy @ w,
             "dx = dy @ w (matmul_nt: copy of w.T)": lambda: grad_a_nt(dy, w),

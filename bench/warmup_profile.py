@@ -1,14 +1,14 @@
 """Where the JIT warm-up goes: the set-up and first three training steps of a fresh process (the first compiles and
 captures the jit, then two replays), timed and profiled with cProfile, or (--phases) timed by phase without the
 profiler. Run it twice: the first run fills the caches (tinygrad's CACHEDB and ours beside it,
-kernels.load_programs), the second shows the cached warm-up.
+fast.cache), the second shows the cached warm-up.
 
     DEV=CPU python bench/warmup_profile.py --size narrow --model vlae           # prints step times and the top calls
     DEV=CPU VLAE_PROGRAM_CACHE=0 python bench/warmup_profile.py                 # without our kernel/schedule cache
     CACHEDB=/tmp/w/cache.db POCL_CACHE_DIR=/tmp/w/pocl DEV=CL python bench/warmup_profile.py --phases   # cold, by phase
 
 --phases splits the time into tinygrad's lower_and_compile (lowering kernels in its worker processes, and there
-compiling them too on the CPU backend or with kernels.build_ahead), OpenCL builds in this process (CLCompiler.compile,
+compiling them too on the CPU backend or with fast.cl.build_ahead), OpenCL builds in this process (CLCompiler.compile,
 where tinygrad builds OpenCL programs; none with build_ahead) and the rest (scheduling, capture, running).
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tinygrad.engine.realize as realize
 import tinygrad.runtime.ops_cl as ops_cl
 from bench import trainer_for
-from kernels import save_programs
+import fast
+from fast.cache import save_programs
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--size", default="narrow")
@@ -46,6 +47,7 @@ if args.phases:     # compile_linear looks both up when called, so wrapping the 
     realize.lower_and_compile = timed(realize.lower_and_compile, "lower_and_compile (tinygrad's workers)")
     ops_cl.CLCompiler.compile = timed(ops_cl.CLCompiler.compile, "OpenCL builds in this process")
 t0 = time.perf_counter()
+fast.enable()
 trainer, x, beta, *_ = trainer_for(args.size, args.model, batch=100, kernel_search=0)   # as bench.py sets up a step
 setup = time.perf_counter() - t0
 profile, steps = cProfile.Profile(), []
