@@ -58,11 +58,7 @@ class Trainer:
         self.first_bad = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
         # Everything the step reads and updates is made a buffer now, not folded into the first step's graph
         Tensor.realize(*weights(model).values(), *optimizer_state(self.opt).values(), self.opt.lr)
-        self.jit = fast.jit(self._step)                             # tinygrad's TinyJit unless fast/ is on
-
-    def step(self, x: Tensor, beta: Tensor) -> Tensor:
-        """One jitted training step (_step): compiled and captured once, then replayed."""
-        return self.jit(x, beta)
+        self.step = self.jit = fast.jit(self._step)     # step(x, beta): _step jitted (tinygrad's TinyJit unless fast/)
 
     def step_tensors(self, x: Tensor, beta: Tensor) -> tuple[list[Tensor], Tensor]:
         """The graph of one Adam step on a batch x (B, C, H, W), not yet run: the tensors to realize (new weights
