@@ -92,6 +92,19 @@ def checkpoint_tensors(model, opt=None, totals: Tensor | None = None) -> dict[st
     return state
 
 
+def code_version() -> dict:
+    """The git commit of this code and whether the tree had uncommitted changes ({} outside a git checkout): recorded
+    with every checkpoint and study row, so that a result names the code that made it."""
+    import subprocess
+    here = Path(__file__).parent
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10, check=True)
+        return {"commit": git("rev-parse", "HEAD").stdout.strip(),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
 def save_checkpoint(path: Path, model, opt, meta: dict, totals: Tensor | None = None) -> None:
     """Write to a temporary file, flush it to disk, then rename over the old checkpoint: a crash at any moment
     leaves either the previous checkpoint or the new one, never a half-written file."""

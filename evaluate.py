@@ -183,12 +183,13 @@ def log_weights(model, x: np.ndarray, k: int, rng: np.random.Generator) -> np.nd
 
 
 def layer_effects(generate_fn, dims: tuple, clf: Classifier, bases: int, resamples: int,
-                  rng: np.random.Generator) -> list[dict]:
-    """For each layer l: `bases` draws of every layer's noise; for each, `resamples` new draws of layer l only
-    (z_l for a VLAE, eps_l of Eq. 15 for an HVAE). Per layer, how much each measure changes within a group:
-    identity = probability that two resampled images get different classifier labels; thickness, width, slant =
-    their standard deviation; pixel_var = per-pixel variance; `*_same` = the same three over the images that keep
-    the group's most common label (style at fixed identity). All averaged over the groups.
+                  rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """For each layer l: `bases` draws of every layer's noise (the contexts, the same for every layer); in each, 
+    `resamples` new draws of layer l only (z_l for a VLAE, eps_l of Eq. 15 for an HVAE). Per layer and context, how
+    much each measure changes: identity = probability that two resampled images get different classifier labels;
+    thickness, width, slant = their standard deviation; pixel_var = per-pixel variance; `*_same` = the same three over
+    the images that keep the context's most common label (style at fixed identity; nan where fewer than 2 do).
+    Returns per layer a dict of arrays (bases,); `means` averages them over the contexts.
     generate_fn: noise per layer (..., d_l) -> images (..., C, H, W)."""
     fixed = [rng.standard_normal((bases, 1, d), dtype=np.float32) for d in dims]     # the same contexts for all layers
     out = []
@@ -199,15 +200,19 @@ def layer_effects(generate_fn, dims: tuple, clf: Classifier, bases: int, resampl
         probs, _ = classify(clf, images.reshape(-1, *images.shape[2:]))
         labels = probs.argmax(1).reshape(bases, resamples)
         attrs = {k: v.reshape(bases, resamples) for k, v in attributes(images.reshape(-1, *images.shape[2:])).items()}
-        share = np.stack([(labels == c).mean(1) for c in range(10)], 1)  # (bases, 10) label histogram per group
-        row = {"identity": float((1 - (share ** 2).sum(1)).mean()), "pixel_var": float(images.var(axis=1).mean())}
-        row |= {k: float(v.std(axis=1).mean()) for k, v in attrs.items()}
-        keep = labels == share.argmax(1)[:, None]                        # images with the group's commonest label
+        share = np.stack([(labels == c).mean(1) for c in range(10)], 1)  # (bases, 10) label histogram per context
+        units = {"identity": 1 - (share ** 2).sum(1), "pixel_var": images.reshape(bases, resamples, -1).var(1).mean(1)}
+        units |= {k: v.std(axis=1) for k, v in attrs.items()}
+        keep = labels == share.argmax(1)[:, None]                        # images with the context's commonest label
         for k, v in attrs.items():
-            stds = [v[b, keep[b]].std() for b in range(bases) if keep[b].sum() >= 2]
-            row[f"{k}_same"] = float(np.mean(stds)) if stds else 0.0
-        out.append(row)
+            units[f"{k}_same"] = np.array([v[b, keep[b]].std() if keep[b].sum() >= 2 else np.nan for b in range(bases)])
+        out.append(units)
     return out
+
+
+def means(units: list[dict[str, np.ndarray]]) -> list[dict[str, float]]:
+    """layer_effects' per-context values averaged over the contexts (a context without a value is left out)."""
+    return [{k: float(np.nanmean(v)) if np.isfinite(v).any() else 0.0 for k, v in u.items()} for u in units]
 
 
 def same_label_rate(labels: np.ndarray) -> float:
@@ -240,24 +245,34 @@ def style_explained(values: np.ndarray, labels: np.ndarray) -> float:
     return float(max(between, 0.0) / total) if total > 0 else 0.0
 
 
-def grid_effects(generate_fn, dims: tuple, clf: Classifier, side: int, draws: int,
-                 rng: np.random.Generator) -> list[dict]:
+def grid_draws(generate_fn, dims: tuple, clf: Classifier, side: int, draws: int,
+               rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
     """The authors' protocol (Fig. 5): layer l's code on a side x side grid of Gaussian quantiles (a 2-D code; other
-    sizes take side^2 draws from the prior), every other layer drawn afresh for each of `draws` images per cell.
-    Per layer: how much of the digit's identity and (at fixed identity) of its thickness, width and slant the cell
-    explains, each from 0 to 1 (identity_explained, style_explained). A layer whose meaning is stable across the other
-    layers' draws scores high on the attribute it controls."""
+    sizes take side^2 draws from the prior; the same cells for every layer), every other layer drawn afresh for each
+    of `draws` images per cell. Per layer: the classifier's labels and the attributes, each (cells, draws)."""
+    code = quantile_grid(side).reshape(-1, 2)
     out = []
     for l, d in enumerate(dims):
-        code = quantile_grid(side).reshape(-1, 2) if d == 2 else rng.standard_normal((side * side, d))
-        eps = [rng.standard_normal((len(code), draws, e), dtype=np.float32) for e in dims]
-        eps[l] = np.broadcast_to(code[:, None, :], (len(code), draws, d)).astype(np.float32)
+        cells = code if d == 2 else rng.standard_normal((side * side, d))
+        eps = [rng.standard_normal((len(cells), draws, e), dtype=np.float32) for e in dims]
+        eps[l] = np.broadcast_to(cells[:, None, :], (len(cells), draws, d)).astype(np.float32)
         images = generate_fn(eps)                                       # (cells, draws, C, H, W)
         flat = images.reshape(-1, *images.shape[2:])
-        labels = classify(clf, flat)[0].argmax(1).reshape(len(code), draws)
-        row = {"identity": identity_explained(labels)}
-        row |= {k: style_explained(v.reshape(len(code), draws), labels) for k, v in attributes(flat).items()}
-        out.append(row)
+        labels = classify(clf, flat)[0].argmax(1).reshape(len(cells), draws)
+        out.append({"labels": labels} | {k: v.reshape(len(cells), draws) for k, v in attributes(flat).items()})
+    return out
+
+
+def grid_scores(grid: list[dict[str, np.ndarray]], cells: np.ndarray | None = None) -> list[dict[str, float]]:
+    """Per layer, how much of the digit's identity and (at fixed identity) of its thickness, width and slant the cell
+    explains, each from 0 to 1 (identity_explained, style_explained), over the given cells (default: all). A layer
+    whose meaning is stable across the other layers' draws scores high on the attribute it controls."""
+    out = []
+    for g in grid:
+        idx = np.arange(len(g["labels"])) if cells is None else cells
+        labels = g["labels"][idx]
+        out.append({"identity": identity_explained(labels)}
+                   | {k: style_explained(g[k][idx], labels) for k in ("thickness", "width", "slant")})
     return out
 
 
@@ -267,10 +282,13 @@ def normalised(rows: list[dict], key: str) -> list[float]:
     return [r[key] / total if total > 0 else 0.0 for r in rows]
 
 
-# the attribute each measure compares across layers: resampling judges style among draws that keep the label
+# The keys each measure compares across layers. "resample" judges style among the draws that keep the context's label
+# (at fixed identity); "all draws" is the same resampling with style measured over every draw (reported, not judged)
 FIG5_KEYS = {"resample": {"identity": "identity", "thickness": "thickness_same", "width": "width_same",
                           "slant": "slant_same"},
-             "grid": {k: k for k in ATTRIBUTES}}
+             "all draws": {k: k for k in ATTRIBUTES}, "grid": {k: k for k in ATTRIBUTES}}
+JUDGED = ("resample", "grid")                # a seed's verdict needs both (docs/fig5-protocol.md)
+BOOTSTRAP, LEVEL = 2000, 0.95                # resamples; a check holds when P(named layer largest) >= LEVEL
 
 
 def most(values: list[float]) -> int:
@@ -279,33 +297,87 @@ def most(values: list[float]) -> int:
     return int(order[0]) + 1 if values[order[0]] > 0 and values[order[0]] > values[order[1]] else 0
 
 
-def fig5_checks(rows: list[dict], keys: dict) -> dict:
-    """bottom layer = the most thickness change, a middle layer = the most width or slant change, top layer = the
-    most identity change (each compared across layers)."""
+def fig5_quantities(rows: list[dict], keys: dict) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """The paper's three Fig. 5 claims as (quantity per layer, the layers the claim names, 0-based): the bottom
+    layer's thickness share; the middle layers' share of width and tilt (the mean of the width and slant shares:
+    the paper names both); the top layer's identity share. Shares are across layers (each attribute sums to 1)."""
     L = len(rows)
-    top = {a: most([r[k] for r in rows]) for a, k in keys.items()}
-    checks = {"bottom = thickness": top["thickness"] == 1}
-    if L > 2: checks["middle = width/slant"] = 1 < top["width"] < L or 1 < top["slant"] < L   # no middle when L = 2
-    checks["top = identity"] = top["identity"] == L
-    return {"most_changed_by": top, "checks": checks}
+    share = {a: np.array(normalised(rows, k)) for a, k in keys.items()}
+    out = {"bottom = thickness": (share["thickness"], [0])}
+    if L > 2: out["middle = width/slant"] = ((share["width"] + share["slant"]) / 2, list(range(1, L - 1)))
+    out["top = identity"] = (share["identity"], [L - 1])
+    return out
 
 
-def fig5_verdict(resample_rows: list[dict], grid_rows: list[dict]) -> dict:
-    """Does the paper's hierarchy hold? Each check by both measures (one layer resampled in fixed contexts, and the
-    authors' grid with the other layers drawn afresh); a check holds when it holds by both."""
-    by = {"resample": fig5_checks(resample_rows, FIG5_KEYS["resample"]),
-          "grid": fig5_checks(grid_rows, FIG5_KEYS["grid"])}
-    checks = {c: all(m["checks"][c] for m in by.values()) for c in by["resample"]["checks"]}
-    return {"by_measure": by, "checks": checks, "holds": all(checks.values())}
+def margin(quantity: np.ndarray, named: list[int]) -> float:
+    """How far the named layers lead: the largest of theirs minus the largest of the others' (> 0: the claim holds)."""
+    others = [l for l in range(len(quantity)) if l not in named]
+    return float(quantity[named].max() - quantity[others].max())
+
+
+def read_check(p: float) -> str:
+    """A check's verdict from P = the fraction of bootstrap resamples in which the named layer leads."""
+    return "holds" if p >= LEVEL else "fails" if p <= 1 - LEVEL else "unclear"
+
+
+def fig5_verdict(units: list[dict], grid: list[dict], seed: int = 0, n: int = BOOTSTRAP) -> dict:
+    """Does the paper's hierarchy hold, beyond the measurement's own noise? For each measure and check: the margin
+    (fig5_quantities, margin) on all the data, its 5-95 % interval and P(margin > 0) over a paired bootstrap (the
+    contexts of the resampling measures, the cells of the grid, each drawn once for all layers), and the verdict
+    (read_check). A check holds for the model when it holds by both judged measures, fails when it fails by either;
+    the hierarchy holds when all checks hold. docs/fig5-protocol.md gives the reasons."""
+    rng = np.random.default_rng(seed)
+    bases, cells = len(units[0]["identity"]), len(grid[0]["labels"])
+    draws = {"resample": [rng.integers(0, bases, bases) for _ in range(n)],
+             "grid": [rng.integers(0, cells, cells) for _ in range(n)]}
+    draws["all draws"] = draws["resample"]
+    def rows_of(m, idx=None):
+        if m == "grid": return grid_scores(grid, idx)
+        return means([{k: v if idx is None else v[idx] for k, v in u.items()} for u in units])
+    by = {}
+    for m, keys in FIG5_KEYS.items():
+        point = fig5_quantities(rows_of(m), keys)
+        boot = [fig5_quantities(rows_of(m, idx), keys) for idx in draws[m]]
+        by[m] = {}
+        for c, (q, named) in point.items():
+            ms = np.array([margin(*b[c]) for b in boot])
+            p = float((ms > 0).mean())
+            by[m][c] = {"margin": margin(q, named), "interval": [float(np.quantile(ms, 0.05)),
+                                                                float(np.quantile(ms, 0.95))],
+                        "p": p, "verdict": read_check(p), "led_by": int(np.argmax(q)) + 1,
+                        "per_layer": [float(v) for v in q]}
+    checks = {}
+    for c in by["resample"]:
+        v = [by[m][c]["verdict"] for m in JUDGED]
+        checks[c] = "holds" if all(x == "holds" for x in v) else "fails" if "fails" in v else "unclear"
+    return {"by_measure": by, "checks": checks, "holds": all(v == "holds" for v in checks.values()),
+            "rule": f"paired bootstrap, {n} resamples: a check holds by a measure when its layer leads in >= "
+                    f"{LEVEL:.0%} of them, fails when in <= {1 - LEVEL:.0%}; holds for the model by both of "
+                    f"{' and '.join(JUDGED)}"}
+
+
+def layer_leads(units: list[dict], key: str, named: list[int], seed: int = 0, n: int = BOOTSTRAP) -> dict:
+    """Does a named layer carry the largest share of one resampling measure (e.g. the HVAE's pixel variance, Fig. 3)?
+    The margin, its bootstrap interval over the contexts, P(margin > 0) and the verdict, read as fig5_verdict reads
+    a check."""
+    rng = np.random.default_rng(seed)
+    share = lambda idx: np.array(normalised([{key: np.nanmean(u[key][idx])} for u in units], key))
+    bases = len(units[0][key])
+    ms = np.array([margin(share(rng.integers(0, bases, bases)), named) for _ in range(n)])
+    p = float((ms > 0).mean())
+    return {"per_layer": [float(v) for v in share(np.arange(bases))], "margin": margin(share(np.arange(bases)), named),
+            "interval": [float(np.quantile(ms, 0.05)), float(np.quantile(ms, 0.95))], "p": p, "verdict": read_check(p)}
 
 
 def hierarchy(generate_fn, dims: tuple, clf: Classifier, args, rng: np.random.Generator) -> dict:
-    """The Fig. 5 / Fig. 3 part of the report: layer_effects (args.bases x args.resamples), grid_effects (args.grid,
+    """The Fig. 5 / Fig. 3 part of the report: layer_effects (args.bases x args.resamples), the grid (args.grid,
     args.grid_draws) and the verdict. Also used by study.py, with a PyTorch model's generate_fn."""
-    rows = layer_effects(generate_fn, dims, clf, args.bases, args.resamples, rng)
-    grid = grid_effects(generate_fn, dims, clf, args.grid, args.grid_draws, rng)
-    return {"layers": {"raw": rows, "normalised": {k: normalised(rows, k) for k in rows[0]}}, "grid": grid,
-            "fig5": fig5_verdict(rows, grid)}
+    units = layer_effects(generate_fn, dims, clf, args.bases, args.resamples, rng)
+    grid = grid_draws(generate_fn, dims, clf, args.grid, args.grid_draws, rng)
+    rows = means(units)
+    return {"layers": {"raw": rows, "normalised": {k: normalised(rows, k) for k in rows[0]}},
+            "grid": grid_scores(grid), "fig5": fig5_verdict(units, grid, args.seed),
+            "fig3": layer_leads(units, "pixel_var", [len(dims) - 1], args.seed)}
 
 
 def sample_quality(clf: Classifier, images: np.ndarray, test_features: np.ndarray) -> dict:
@@ -367,7 +439,9 @@ def run_evaluation(args) -> dict:
     if dataset == "mnist":
         clf, accuracy = load_classifier(Path(args.classifier), ds, args.classifier_epochs)
         report["classifier"] = {"path": args.classifier, "test_accuracy": accuracy}
-        report |= hierarchy(lambda eps: generate_images(model, eps), cfg.latent_dims, clf, args, rng)
+        # a generator of its own, seeded as study.py seeds its rows: the same checkpoint gets the same Fig. 5 numbers
+        report |= hierarchy(lambda eps: generate_images(model, eps), cfg.latent_dims, clf, args,
+                            np.random.default_rng(args.seed))
         _, test_features = classify(clf, ds.test_x)
         eps = [rng.standard_normal((args.samples, d), dtype=np.float32) for d in cfg.latent_dims]
         reference = ds.train_x[rng.choice(len(ds.train_x), args.samples, replace=False)]
@@ -434,17 +508,24 @@ def markdown(r: dict) -> str:
         for l in range(L):
             lines.append(f"| {name}_{l + 1} | " + " | ".join(f"{g[l][k]:.2f}" for k in ATTRIBUTES) + " |")
         v = r["fig5"]
-        def said(checks): return ", ".join(f"{k}: {'yes' if ok else 'no'}" for k, ok in checks.items())
-        claim = "Fig. 5 hierarchy" + ("" if cfg["model"] == "vlae" else " (claimed for the VLAE; for comparison)")
-        lines += ["", f"{claim}, resampling at fixed identity: {said(v['by_measure']['resample']['checks'])}; "
-                  f"authors' grid: {said(v['by_measure']['grid']['checks'])}.",
-                  f"Both measures: {said(v['checks'])} -> {'holds' if v['holds'] else 'does not hold'}."]
-        pv = norm["pixel_var"]
-        shares = " / ".join(f"{p:.2f}" for p in pv)
-        if cfg["model"] == "hvae":
-            lines.append(f"Fig. 3 (share of pixel variance per layer, bottom to top): {shares}; the paper expects the "
-                         f"top layer to dominate: {'it does' if int(np.argmax(pv)) == L - 1 else 'here it does not'}.")
-        else: lines.append(f"Share of pixel variance per layer, bottom to top: {shares}.")
+        claim = "Fig. 5" + ("" if cfg["model"] == "vlae" else " (claimed for the VLAE; shown for comparison)")
+        lines += ["", f"{claim}: each check's quantity per layer (bottom to top), the named layer's margin over the "
+                  f"best other layer with its 5-95 % bootstrap interval, P(margin > 0) and the verdict ({v['rule']}).",
+                  "", "| check | measure | per layer | margin [5 %, 95 %] | P | verdict |", "|---|---|---|---|---|---|"]
+        for c, verdict in v["checks"].items():
+            for m, checks in v["by_measure"].items():
+                k = checks[c]
+                lines.append(f"| {c} | {m}{'' if m in JUDGED else ' (not judged)'} | "
+                             f"{' / '.join(f'{q:.2f}' for q in k['per_layer'])} | {k['margin']:+.2f} "
+                             f"[{k['interval'][0]:+.2f}, {k['interval'][1]:+.2f}] | {k['p']:.2f} | {k['verdict']} |")
+        lines += ["", "Verdicts: " + ", ".join(f"{c}: {x}" for c, x in v["checks"].items())
+                  + f" -> the hierarchy {'holds' if v['holds'] else 'is not shown'}."]
+        f3 = r["fig3"]
+        shares = " / ".join(f"{p:.2f}" for p in f3["per_layer"])
+        lines.append(f"Share of pixel variance per layer resampled, bottom to top: {shares}; the top layer's margin "
+                     f"{f3['margin']:+.2f} [{f3['interval'][0]:+.2f}, {f3['interval'][1]:+.2f}], P {f3['p']:.2f}: "
+                     f"the top layer leads: {f3['verdict']}"
+                     + (" (Fig. 3 expects it to lead for the HVAE)." if cfg["model"] == "hvae" else "."))
         lines += ["", f"Samples ({r['settings']['samples']} each) through the classifier "
                   f"({100 * r['classifier']['test_accuracy']:.2f}% test accuracy); Frechet distance to the test set in "
                   f"its 128-d feature space:", "",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from data import DataError, as_float, binarized_test_set, load_dataset
 from vlae import ModelConfig, SIZES
-from checkpoint import CHECKPOINT, atomic_safe_save, load_model
+from checkpoint import CHECKPOINT, atomic_safe_save, code_version, load_model
 from arrays import generate_images
 import fast
 
@@ -29,7 +29,6 @@ RECIPES = {
     "gated": {"combiner": "gated", "likelihood": "gaussian", "sigma_x": 0.1, "kl_warmup": 1000, "lr": 1e-3},
     "gated-s25": {"combiner": "gated", "likelihood": "gaussian", "sigma_x": 0.25, "kl_warmup": 5000, "lr": 1e-3},
     "authors": {"combiner": "gated", "likelihood": "gaussian", "sigma_x": 0.25, "kl_warmup": 15000, "lr": 2e-4},
-    "authors-lr1e-3": {"combiner": "gated", "likelihood": "gaussian", "sigma_x": 0.25, "kl_warmup": 15000, "lr": 1e-3},
     "gated-bernoulli": {"combiner": "gated", "likelihood": "bernoulli", "sigma_x": 0.1, "kl_warmup": 5000, "lr": 1e-3},
 }
 
@@ -58,15 +57,16 @@ def measure_hvae(generate_fn, checkpoint: Path, dims: tuple, test_elbo: dict, cl
     ancestral sampling's?). The chains run on the tinygrad model loaded from the checkpoint (evaluate.gibbs_samples)."""
     import evaluate
     rng = np.random.default_rng(settings.seed)
-    rows = evaluate.layer_effects(generate_fn, dims, clf, settings.bases, settings.resamples, rng)
-    shares = evaluate.normalised(rows, "pixel_var")
+    units = evaluate.layer_effects(generate_fn, dims, clf, settings.bases, settings.resamples, rng)
+    rows = evaluate.means(units)
+    fig3 = evaluate.layer_leads(units, "pixel_var", [len(dims) - 1], settings.seed)
     eps = [rng.standard_normal((settings.samples, d), dtype=np.float32) for d in dims]
     ancestral = evaluate.sample_quality(clf, generate_fn(eps), test_features)
     model, _ = load_model(checkpoint)
     gibbs = evaluate.sample_quality(clf, evaluate.gibbs_samples(model, settings.samples, gibbs_steps, settings.seed),
                                     test_features)
-    return {**test_elbo, "pixel_var_share": shares, "identity_share": evaluate.normalised(rows, "identity"),
-            "fig3_top_dominates": evaluate.most(shares) == len(dims), "ancestral_frechet": ancestral["frechet"],
+    return {**test_elbo, "pixel_var_share": fig3["per_layer"], "identity_share": evaluate.normalised(rows, "identity"),
+            "fig3": fig3, "ancestral_frechet": ancestral["frechet"],
             "gibbs_frechet": gibbs["frechet"], "gibbs_classes": gibbs["classes"],
             "fig2_gibbs_within_20pct": gibbs["frechet"] <= 1.2 * ancestral["frechet"], "gibbs_steps": gibbs_steps}
 
@@ -119,12 +119,20 @@ def tinygrad_cells(args, cfg: ModelConfig, recipe: dict, seed: int, folder: Path
 
 
 def measure_run(run: Path, on_cell) -> None:
-    """Measure a run folder of train.py (its checkpoint, on the tinygrad model)."""
+    """Measure a checkpoint on the tinygrad model: a run folder of train.py (its test ELBO and time from its metrics)
+    or a checkpoint written by the mirror (test ELBO computed here; training time unknown)."""
     model, meta = load_model(run)
-    m = meta["metrics"]
-    seconds = sum(json.loads(line)["epoch_seconds"] for line in open(run / "metrics.jsonl"))
-    on_cell(meta["epoch"], meta["step"], seconds, {"test_elbo": m["test_elbo"], "test_kl": m["test_kl"]},
-            lambda eps: generate_images(model, eps), None)
+    if "metrics" in meta:
+        m = meta["metrics"]
+        elbo = {"test_elbo": m["test_elbo"], "test_kl": m["test_kl"]}
+        seconds = sum(json.loads(line)["epoch_seconds"] for line in open(run / "metrics.jsonl"))
+    else:
+        from arrays import elbo_parts
+        ds = load_dataset(meta["train"]["dataset"])
+        test_x = binarized_test_set(ds.test_x) if model.cfg.likelihood == "bernoulli" else as_float(ds.test_x)
+        parts, _ = elbo_parts(model, test_x)
+        elbo, seconds = {"test_elbo": float(parts[:, 0].mean()), "test_kl": [float(k) for k in parts[:, 2:].mean(0)]}, 0.0
+    on_cell(meta["epoch"], meta["step"], seconds, elbo, lambda eps: generate_images(model, eps), None)
 
 
 def width_of(cfg: ModelConfig) -> str:
@@ -135,10 +143,13 @@ def width_of(cfg: ModelConfig) -> str:
 
 
 def recipe_of(cfg: ModelConfig, flags: dict) -> tuple[str, dict]:
-    """The recipe a train.py run used (from its checkpoint), named after RECIPES where it is one of them."""
+    """The recipe a run used (from its checkpoint), named as the training command names it: the closest of RECIPES
+    plus what differs, e.g. authors+kl_warmup=600."""
     recipe = {"combiner": cfg.combiner, "likelihood": cfg.likelihood, "sigma_x": cfg.sigma_x,
               "kl_warmup": flags["kl_warmup"], "lr": flags["lr"]}
-    return next((name for name, r in RECIPES.items() if r == recipe), "custom"), recipe
+    diff = lambda name: [k for k in RECIPES[name] if RECIPES[name][k] != recipe[k]]
+    name = min(RECIPES, key=lambda n: (len(diff(n)), n != "authors"))   # the authors' recipe first
+    return name + "".join(f"+{k}={recipe[k]}" for k in diff(name)), recipe
 
 
 def run_study(args) -> None:
@@ -149,7 +160,8 @@ def run_study(args) -> None:
         clf, _ = evaluate.load_classifier(Path(args.classifier), ds, 2)
         _, test_features = evaluate.classify(clf, ds.test_x)
 
-    def cell_writer(cfg: ModelConfig, label: str, recipe: dict, seed: int, folder: Path, trainer: str):
+    def cell_writer(cfg: ModelConfig, label: str, recipe: dict, seed: int, folder: Path, trainer: str,
+                    trained_code: dict | None = None):
         """on_cell(epoch, step, seconds, elbo, generate_fn, state): measure one snapshot and append its row; state (the
         weights of a torch run, else None) is first written as a checkpoint that sample.py and evaluate.py load."""
         width = width_of(cfg)
@@ -161,27 +173,33 @@ def run_study(args) -> None:
                 checkpoint.mkdir(parents=True, exist_ok=True)
                 from tinygrad import Tensor
                 meta = {"config": cfg.to_dict(), "train": {"dataset": "mnist", "seed": seed, **recipe,
-                                                           "trainer": "torch"}, "step": step, "epoch": epoch}
+                                                           "trainer": "torch"}, "step": step, "epoch": epoch,
+                        "code": code_version()}
                 atomic_safe_save({f"model.{k}": Tensor(v) for k, v in state.items()}, checkpoint / CHECKPOINT, meta)
             if args.train_only:
                 print(f"saved {checkpoint} (not measured: --train-only)", file=sys.stderr, flush=True)
                 return
             if cfg.model == "vlae": measured = measure(generate_fn, cfg.latent_dims, elbo, clf, test_features)
             else: measured = measure_hvae(generate_fn, checkpoint, cfg.latent_dims, elbo, clf, test_features)
+            trained_at = trained_code if trained_code is not None else code_version()
             row = {"model": cfg.model, "recipe": label, **recipe, "width": width, "channels": list(cfg.channels),
                    "hidden": cfg.hidden, "seed": seed, "epoch": epoch, "step": step, "trainer": trainer,
                    "train_seconds": round(seconds, 1), "threads": args.threads if trainer == "torch" else None,
                    "checkpoint": str(checkpoint), **measured, "measure_seconds": round(time.perf_counter() - t0, 1),
-                   "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
+                   "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv),
+                   "trained_at": trained_at, "measured_at": code_version()}
             RESULTS.parent.mkdir(exist_ok=True)
             with open(RESULTS, "a") as f: f.write(json.dumps(row) + "\n")
             print(summary(row), file=sys.stderr, flush=True)
         return on_cell
 
-    for run in args.measure:                  # run folders of train.py, measured as they are
+    for run in args.measure:                  # checkpoints of train.py or of the mirror, measured as they are
         model, meta = load_model(run)
         label, recipe = recipe_of(model.cfg, meta["train"])
-        measure_run(run, cell_writer(model.cfg, label, recipe, meta["train"]["seed"], run, "tinygrad"))
+        code = meta.get("code") or ({"commit": args.trained_at, "dirty": False} if args.trained_at else {})
+        folder = run if run.is_dir() else run.parent
+        measure_run(run, cell_writer(model.cfg, label, recipe, meta["train"]["seed"], folder,
+                                     meta["train"].get("trainer", "tinygrad"), code))
     for name in ([] if args.measure else args.recipe):
         recipe = dict(RECIPES[name])
         for k in recipe:
@@ -198,27 +216,33 @@ def run_study(args) -> None:
 
 
 def checks(row: dict, measure: str | None = None) -> str:
-    c = row["fig5"]["checks"] if measure is None else row["fig5"]["by_measure"][measure]["checks"]
-    return "/".join("yes" if ok else "no" for ok in c.values())
+    c = row["fig5"]["checks"] if measure is None else {k: v["verdict"] for k, v in row["fig5"]["by_measure"][measure].items()}
+    return "/".join(c.values())
 
 
 def summary(row: dict) -> str:
     if row.get("model") == "hvae":
-        return (f"HVAE {row['recipe']} {row['width']} seed {row['seed']} epoch {row['epoch']}: Fig. 3 pixel-variance "
-                f"shares {' / '.join(f'{v:.2f}' for v in row['pixel_var_share'])}; Fig. 2 Frechet distance Gibbs "
-                f"{row['gibbs_frechet']:.0f} vs ancestral {row['ancestral_frechet']:.0f}; "
+        return (f"HVAE {row['recipe']} {row['width']} seed {row['seed']} epoch {row['epoch']}: Fig. 3 top layer leads "
+                f"the pixel variance: {row['fig3']['verdict']} (shares {' / '.join(f'{v:.2f}' for v in row['pixel_var_share'])}); "
+                f"Fig. 2 Frechet distance Gibbs {row['gibbs_frechet']:.0f} vs ancestral {row['ancestral_frechet']:.0f}; "
                 f"test ELBO {row['test_elbo']:.2f}")
     return (f"{row['recipe']} {row['width']} seed {row['seed']} epoch {row['epoch']} ({row['trainer']}): "
-            f"Fig. 5 resample {checks(row, 'resample')}, grid {checks(row, 'grid')}, both {checks(row)}; "
-            f"test ELBO {row['test_elbo']:.2f}, prior FD {row['prior_frechet']:.0f}, {row['train_seconds']:.0f} s")
+            f"Fig. 5 resample {checks(row, 'resample')}, grid {checks(row, 'grid')}, verdict {checks(row)}; "
+            f"test ELBO {row['test_elbo']:.2f}, prior FD {row['prior_frechet']:.0f}")
 
 
 def groups(rows: list[dict]) -> dict:
-    """Rows grouped by (recipe, width, trainer, epoch): the seeds of one cell of the study."""
+    """Rows grouped by (recipe, width, trainer, epoch): the seeds of one cell of the study. A seed measured twice (a
+    re-run, or the same checkpoint measured again) counts once, by its last row."""
     out: dict = {}
-    for r in sorted(rows, key=lambda r: r["seed"]):
-        out.setdefault((r["recipe"], r["width"], r["trainer"], r["epoch"]), []).append(r)
-    return dict(sorted(out.items()))
+    for r in rows:
+        out.setdefault((r["recipe"], r["width"], r["trainer"], r["epoch"]), {})[r["seed"]] = r
+    return {k: [g[s] for s in sorted(g)] for k, g in sorted(out.items())}
+
+
+def commits(g: list[dict]) -> str:
+    c = sorted({r["trained_at"].get("commit", "?")[:7] + ("+" if r["trained_at"].get("dirty") else "") for r in g})
+    return ", ".join(c)
 
 
 def hvae_table(rows: list[dict]) -> str:
@@ -229,7 +253,7 @@ def hvae_table(rows: list[dict]) -> str:
         n, share = len(g), np.mean([r["pixel_var_share"] for r in g], 0)
         fd = " ".join(f"{r['gibbs_frechet']:.0f}/{r['ancestral_frechet']:.0f}" for r in g)
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
-                     f"{' / '.join(f'{v:.2f}' for v in share)} | {sum(r['fig3_top_dominates'] for r in g)}/{n} | "
+                     f"{' / '.join(f'{v:.2f}' for v in share)} | {sum(r['fig3']['verdict'] == 'holds' for r in g)}/{n} | "
                      f"{fd} | "
                      f"{sum(r['fig2_gibbs_within_20pct'] for r in g)}/{n} | "
                      f"{np.mean([r['test_elbo'] for r in g]):.1f} |")
@@ -237,21 +261,20 @@ def hvae_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (recipe, width, trainer, epoch): checks that hold in k of n seeds, mean ELBO, time."""
+    """One line per (recipe, width, trainer, epoch) over distinct seeds: how many seeds each Fig. 5 check holds /
+    is unclear / fails in (evaluate.fig5_verdict), how many hold all three, mean test ELBO, the commits."""
     names = ("bottom = thickness", "middle = width/slant", "top = identity")
     lines = ["| recipe | width | trainer | epochs | seeds | bottom = thickness | middle = width/slant | top = identity "
-             "| all three | test ELBO | prior FD | train time, fastest seed |", "|---" * 12 + "|"]
+             "| all three hold | test ELBO | prior FD | trained at |", "|---" * 12 + "|"]
     for (recipe, width, trainer, epoch), g in groups(rows).items():
         n = len(g)
-        held = [sum(r["fig5"]["checks"][c] for r in g) for c in names]
-        held_by = [[sum(r["fig5"]["by_measure"][m]["checks"][c] for r in g) for m in ("resample", "grid")]
-                   for c in names]
-        cells = [f"{h}/{n} ({a}, {b})" for h, (a, b) in zip(held, held_by)]
+        cells = [" / ".join(str(sum(r["fig5"]["checks"][c] == v for r in g)) for v in ("holds", "unclear", "fails"))
+                 for c in names]
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
                      + " | ".join(cells) + f" | **{sum(r['fig5']['holds'] for r in g)}/{n}** | "
                      f"{np.mean([r['test_elbo'] for r in g]):.1f} | {np.mean([r['prior_frechet'] for r in g]):.0f} | "
-                     f"{min(r['train_seconds'] for r in g) / 60:.1f} min |")
-    return "\n".join(lines)
+                     f"{commits(g)} |")
+    return "\n".join(lines) + "\n\nEach check: seeds where it holds / is unclear / fails (docs/fig5-protocol.md)."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -269,6 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trainer", default="torch", choices=("torch", "tinygrad"))
     p.add_argument("--measure", nargs="*", default=[], type=Path,
                    help="instead of training: measure these run folders of train.py (e.g. out/mnist-vlae) and add rows")
+    p.add_argument("--trained-at", default=None, metavar="COMMIT", help="with --measure: the commit that trained "
+                   "checkpoints which do not record it (those made before the record existed)")
     p.add_argument("--train-only", action="store_true",
                    help="save the checkpoints without measuring them (measure later with --measure)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -295,6 +320,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.table:
         rows = [json.loads(line) for line in open(RESULTS)] if RESULTS.exists() else []
+        rows = [r for r in rows if r.get("trained_at", {}).get("commit")]     # rows that name their code
         vlae_rows = [r for r in rows if r.get("model", "vlae") == "vlae"]
         hvae_rows = [r for r in rows if r.get("model") == "hvae"]
         print(table(vlae_rows) if vlae_rows else f"no VLAE results yet in {RESULTS}: run a study first")

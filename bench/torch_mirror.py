@@ -256,11 +256,28 @@ def serve(model_name: str, size: str, batch: int = 100, warmup: int = 3, threads
         print((time.perf_counter() - t) / int(line), flush=True)
 
 
+def kl_weight(step: int, warmup: int) -> float:
+    """The KL warm-up of train.py (train.kl_weight): 1 - exp(-step / warmup), 1 when warmup = 0."""
+    return 1.0 - math.exp(-step / warmup) if warmup > 0 else 1.0
+
+
+def train_step(model: nn.Module, opt, xb: torch.Tensor, step: int, kl_warmup: int) -> torch.Tensor:
+    """One step of train.py's Trainer in PyTorch: loss = sum_l beta * KL_l - recon (Eq. 14, or Eq. 5 for the HVAE,
+    beta the warm-up weight at this 1-based step), backward, Adam. Returns (loss, recon, kl_1..kl_L)."""
+    out = model.elbo(xb)
+    kl = torch.stack(out.kl, 1).mean(0)
+    loss = kl_weight(step, kl_warmup) * kl.sum() - out.recon.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return torch.cat([loss.detach().reshape(1), out.recon.detach().mean().reshape(1), kl.detach()])
+
+
 def train_torch(cfg: ModelConfig, train_x: np.ndarray, train_y: np.ndarray, *, lr: float, kl_warmup: int,
                 seed: int, epochs: int, batch_size: int = 100, threads: int = 1, on_epoch=None) -> nn.Module:
-    """train.py's loop in PyTorch: Adam(lr), loss = sum_l beta * KL_l - recon (Eq. 14 with the warm-up weight beta =
-    1 - exp(-step / kl_warmup)), batches in data.batches' order for (seed, epoch). on_epoch(model, epoch, stats) is
-    called after each epoch (model in train mode; stats: mean train loss, recon, KL per layer, seconds)."""
+    """train.py's loop in PyTorch: train_step on batches in data.batches' order for (seed, epoch). on_epoch(model,
+    epoch, stats) is called after each epoch (model in train mode; stats: mean train loss, recon, KL per layer,
+    seconds)."""
     from data import batches
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -272,14 +289,7 @@ def train_torch(cfg: ModelConfig, train_x: np.ndarray, train_y: np.ndarray, *, l
         t0, sums, n = time.perf_counter(), None, 0
         for xb, _ in batches(train_x, train_y, batch_size, seed, epoch, binarize=binarize):
             step += 1
-            beta = 1.0 - math.exp(-step / kl_warmup) if kl_warmup > 0 else 1.0
-            out = model.elbo(torch.from_numpy(xb))
-            kl = torch.stack(out.kl, 1).mean(0)
-            loss = beta * kl.sum() - out.recon.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            row = torch.cat([loss.detach().reshape(1), out.recon.detach().mean().reshape(1), kl.detach()])
+            row = train_step(model, opt, torch.from_numpy(xb), step, kl_warmup)
             sums, n = (row if sums is None else sums + row), n + 1
         if not torch.isfinite(sums).all(): raise FloatingPointError(f"the loss became nan or inf in epoch {epoch + 1}")
         print(f"epoch {epoch + 1}: train loss {float(sums[0] / n):.2f}, {time.perf_counter() - t0:.0f} s",
