@@ -239,3 +239,20 @@ def load_weights(model, state: dict[str, np.ndarray], path: Path, opt=None, tota
     except (KeyError, ValueError) as e:
         raise UserError(f"{path} holds weights that do not fit the {model.cfg.model.upper()} its config describes "
                         f"({type(e).__name__}: {e}); point at another run folder") from None
+
+
+def export_model(run: Path, out: Path) -> Path:
+    """A run's model (weights and BatchNorm statistics, no optimizer state) in float16, with the run's config,
+    flags, epoch, metrics and code version: the file shipped in pretrained/ (half the size; sample.py, evaluate.py
+    and explore.py load it as float32)."""
+    state, meta = read_checkpoint(run)
+    model = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in state.items() if k.startswith("model.")}
+    out.mkdir(parents=True, exist_ok=True)
+    keep = {k: meta[k] for k in ("config", "train", "step", "epoch", "metrics", "code") if k in meta}
+    atomic_safe_save({k: Tensor(v) for k, v in model.items()}, out / CHECKPOINT, keep | {"exported_from": str(run)})
+    return out / CHECKPOINT
+
+
+if __name__ == "__main__":     # python checkpoint.py RUN OUT: export RUN's model in float16 to OUT (pretrained/)
+    import sys
+    print(f"wrote {export_model(Path(sys.argv[1]), Path(sys.argv[2]))}")

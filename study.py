@@ -143,12 +143,12 @@ def width_of(cfg: ModelConfig) -> str:
 
 
 def recipe_of(cfg: ModelConfig, flags: dict) -> tuple[str, dict]:
-    """The recipe a run used (from its checkpoint), named as the training command names it: the closest of RECIPES
-    plus what differs, e.g. authors+kl_warmup=600."""
+    """The recipe a run used (from its checkpoint), named as the training command names it: one of RECIPES,
+    or the authors' plus what differs, e.g. authors+kl_warmup=600."""
     recipe = {"combiner": cfg.combiner, "likelihood": cfg.likelihood, "sigma_x": cfg.sigma_x,
               "kl_warmup": flags["kl_warmup"], "lr": flags["lr"]}
     diff = lambda name: [k for k in RECIPES[name] if RECIPES[name][k] != recipe[k]]
-    name = min(RECIPES, key=lambda n: (len(diff(n)), n != "authors"))   # the authors' recipe first
+    name = next((n for n in RECIPES if not diff(n)), "authors")          # a named recipe, or the authors' + changes
     return name + "".join(f"+{k}={recipe[k]}" for k in diff(name)), recipe
 
 
