@@ -1,8 +1,5 @@
-"""The models applied to numpy arrays: jitted (vlae.jitted), at one fixed batch size, so each function compiles once.
-
-    from arrays import generate_images
-    images = generate_images(model, eps)                     # eps: numpy noise per layer (..., d_l) -> (..., C, H, W)
-"""
+"""The models applied to numpy arrays (e.g. generate_images(model, eps)): jitted (vlae.jitted) at one fixed batch
+size, so each function compiles once."""
 from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, TinyJit
@@ -12,14 +9,12 @@ BATCH = 100                 # sampling and evaluation run at this batch size (pa
 
 
 def batched(fn, arrays: list[np.ndarray]):
-    """fn(list of (BATCH, ...) Tensors) -> Tensor or tuple of Tensors, applied to the rows of numpy arrays, the outputs
-    concatenated as numpy. The last chunk is padded with copies of its last row, so every call has the same shape
-    and a jitted fn compiles once."""
+    """fn(list of (BATCH, ...) Tensors) -> Tensor or tuple of Tensors, over the rows of numpy arrays, the outputs
+    concatenated as numpy; the last chunk padded with copies of its last row (one shape: a jitted fn compiles once)."""
     n, outs = len(arrays[0]), []
     for i in range(0, n, BATCH):
         chunk = [a[i:i + BATCH] for a in arrays]
-        pad = BATCH - len(chunk[0])
-        if pad:
+        if pad := BATCH - len(chunk[0]):
             chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
         ret = fn([Tensor(np.ascontiguousarray(c, dtype=np.float32)) for c in chunk])
         outs.append([r.numpy()[:BATCH - pad] for r in (ret if isinstance(ret, tuple) else (ret,))])
@@ -27,17 +22,15 @@ def batched(fn, arrays: list[np.ndarray]):
     return tuple(cat) if len(cat) > 1 else cat[0]
 
 
-def generate_jit(model) -> TinyJit:
-    """model.generate jitted (eval mode: BatchNorm uses its running statistics): noise Tensors per layer -> images."""
+def generate_jit(model) -> TinyJit:             # eval mode: BatchNorm uses its running statistics
     return jitted(model, "generate", lambda *eps: model.generate(list(eps)).realize())
 
 
 def generate_images(model, eps: list[np.ndarray]) -> np.ndarray:
     """Noise per layer, numpy arrays (..., d_l) with the same leading shape -> images (..., C, H, W): the means of
     r(x | z) in [0, 1] (for an HVAE, Eq. 15 with this noise)."""
-    lead = eps[0].shape[:-1]
     images = batched(lambda e: generate_jit(model)(*e), [e.reshape(-1, e.shape[-1]) for e in eps])
-    return images.reshape(*lead, *images.shape[1:])
+    return images.reshape(*eps[0].shape[:-1], *images.shape[1:])
 
 
 def posterior_means(model, x: np.ndarray) -> list[np.ndarray]:
@@ -53,8 +46,7 @@ def reconstruct(model, x: np.ndarray) -> np.ndarray:
 
 
 def elbo_parts(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example ELBO parts (N, 2+L): elbo, recon, kl_1..kl_L, for every row of x, and the images decoded from
-    the posterior means (N, C, H, W)."""
+    """Per-example ELBO parts (N, 2+L): elbo, recon, kl_1..kl_L, and the images decoded from the posterior means."""
     def parts(x: Tensor) -> tuple[Tensor, Tensor]:
         out = model.elbo(x)
         recon_mean = model.decode([mu for mu, _ in model.encode(x)])

@@ -1,48 +1,37 @@
 """Datasets for the VLAE: MNIST, Fashion-MNIST, SVHN and CelebA: found, checked by md5 where md5s are published,
-downloaded where they can be, split and batched. files.py does the work on files (finding, md5 checks,
-downloads) and reads their formats.
+downloaded where they can be, split and batched (files.py does the work on files and reads their formats).
 
-    from data import load_dataset, batches
-    ds = load_dataset("mnist")                 # finds, checks (and if needed downloads) the idx files
-    ds.train_x.shape                           # (60000, 1, 28, 28) float32 in [0, 1]
+    ds = load_dataset("mnist")                 # ds.train_x: (60000, 1, 28, 28) float32 in [0, 1]
     batch = next(batches(ds.train_x, ds.train_y, 100, seed=0, epoch=0))     # (x, y), x float32 in [0, 1]
 
-    mnist, fashion-mnist   the four idx files (gzipped or not), downloaded if missing
-    svhn                   train_32x32.mat and test_32x32.mat (MATLAB v5), downloaded if missing
-    celeba                 the folder img_align_celeba/ of JPEGs (no stable URL: download by hand), decoded once into a
-                           64x64 uint8 cache; its x arrays are uint8 in [0, 255] (see as_float)
-
-Where the files are looked for, in order: --data-dir, the environment variable VLAE_DATA, ./data.
-Each is a root folder holding one sub-folder per dataset (<root>/mnist/train-images-idx3-ubyte[.gz], ...);
-a folder that holds the files directly works too.
+mnist, fashion-mnist: the four idx files (gzipped or not); svhn: train_32x32.mat and test_32x32.mat (both downloaded
+if missing); celeba: the folder img_align_celeba/ of JPEGs (download by hand), decoded once into a 64x64 uint8 cache.
+Looked for in --data-dir, $VLAE_DATA, ./data: each a root with one sub-folder per dataset (<root>/mnist/...) or the
+files themselves.
 """
 from __future__ import annotations
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 import numpy as np
 from files import (FIX_BAD_FILE, DataError, check_md5, decoded_jpegs, download, find_folder, missing, parse_idx,
                    read_mat, read_verified)
 
 # md5 of the *decompressed* files (the .gz bytes differ between mirrors; the content does not).
-MNIST_FILES = {
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
+MNIST_FILES = {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+               "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+               "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+               "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"}
 MNIST_MIRRORS = ["https://storage.googleapis.com/cvdf-datasets/mnist/",
                  "https://ossci-datasets.s3.amazonaws.com/mnist/"]
 
-# Fashion-MNIST (Xiao et al. 2017): md5 of the *.gz* files, as published in the README of zalandoresearch/fashion-mnist
-# (and in torchvision). No md5 of the decompressed files is published, so an uncompressed copy is checked only by
-# its idx header. Mirrors: the repository's data/fashion/ folder (https), then the README's S3 website (http only).
-FASHION_FILES = {
-    "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
-    "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
-    "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
-}
+# Fashion-MNIST (Xiao et al. 2017): md5 of the *.gz* files, as published in zalandoresearch/fashion-mnist's README (none
+# of the decompressed files is, so an uncompressed copy is checked only by its idx header).
+FASHION_FILES = {"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                 "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+                 "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+                 "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"}
 FASHION_MIRRORS = ["https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
                    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]
 
@@ -80,17 +69,13 @@ def as_float(x: np.ndarray) -> np.ndarray:
 
 
 def data_roots(data_dir: str | None = None) -> list[Path]:
-    """Where to look, in order: --data-dir, $VLAE_DATA, ./data."""
     return [Path(p) for p in (data_dir, os.environ.get("VLAE_DATA"), "data") if p]
 
-
-# --------------------------------------------------------------------------------------------- MNIST, Fashion-MNIST
 
 def load_idx_dataset(name: str, roots: list[Path], files: dict, mirrors, md5_of_gz: bool = False) -> Dataset:
     """MNIST-style data: files = {train images, train labels, test images, test labels: md5} in that order."""
     folder = find_folder(roots, name, files)
-    absent = missing(folder, files)
-    if absent:
+    if absent := missing(folder, files):
         download(folder, [n + ".gz" for n in absent], mirrors,
                  f"copy the {name} idx files there, or point --data-dir / VLAE_DATA at a folder holding them")
     train_x, train_y, test_x, test_y = (parse_idx(read_verified(folder, n, md5, md5_of_gz), n)
@@ -99,20 +84,14 @@ def load_idx_dataset(name: str, roots: list[Path], files: dict, mirrors, md5_of_
                    test_y.astype(np.int64))                            # x: (N, 1, 28, 28) in [0, 1]
 
 
-def load_mnist(roots: list[Path], mirrors=MNIST_MIRRORS) -> Dataset:
-    return load_idx_dataset("mnist", roots, MNIST_FILES, mirrors)
+load_mnist = partial(load_idx_dataset, "mnist", files=MNIST_FILES, mirrors=MNIST_MIRRORS)        # (roots, mirrors=)
+load_fashion_mnist = partial(load_idx_dataset, "fashion-mnist", files=FASHION_FILES, mirrors=FASHION_MIRRORS,
+                             md5_of_gz=True)
 
-
-def load_fashion_mnist(roots: list[Path], mirrors=FASHION_MIRRORS) -> Dataset:
-    return load_idx_dataset("fashion-mnist", roots, FASHION_FILES, mirrors, md5_of_gz=True)
-
-
-# --------------------------------------------------------------------------------------------- SVHN
 
 def svhn_split(path: Path, md5: str) -> tuple[np.ndarray, np.ndarray]:
     """One SVHN file: X (32, 32, 3, N) uint8 (row, column, channel, image) and y (N, 1) with 1..10, 10 for digit 0."""
-    raw = path.read_bytes()
-    check_md5(path, raw, md5)
+    check_md5(path, raw := path.read_bytes(), md5)
     mat = read_mat(raw, path)
     X, y = mat.get("X"), mat.get("y")
     svhn_like = X is not None and y is not None and X.ndim == 4 and X.shape[:3] == (32, 32, 3)
@@ -128,20 +107,16 @@ def svhn_split(path: Path, md5: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_svhn(roots: list[Path], mirrors=SVHN_MIRRORS) -> Dataset:
     folder = find_folder(roots, "svhn", SVHN_FILES)
-    absent = [f for f in SVHN_FILES if not (folder / f).exists()]           # (SVHN's files are not gzipped)
-    if absent:
+    if absent := [f for f in SVHN_FILES if not (folder / f).exists()]:      # (SVHN's files are not gzipped)
         download(folder, absent, mirrors, f"download them from {SVHN_MIRRORS[0]} into that folder, or point "
                                           "--data-dir / VLAE_DATA at a folder holding them")
     (train_x, train_y), (test_x, test_y) = (svhn_split(folder / f, md5) for f, md5 in SVHN_FILES.items())
     return Dataset("svhn", train_x, train_y, test_x, test_y)
 
 
-# --------------------------------------------------------------------------------------------- CelebA
-
 def celeba_test_rows(folder: Path, names: list[str]) -> np.ndarray:
-    """(N,) bool, True for test images. CelebA's own split where list_eval_partition.txt (md5-checked) or Kaggle's
-    list_eval_partition.csv is in folder: partitions 0 (train) and 1 (valid) train, 2 is the test set. Otherwise
-    the last 10% of the images in file-name order (the official test partition is also the last ~10%)."""
+    """(N,) bool, True for test images: partition 2 of CelebA's own split (list_eval_partition.txt, md5-checked, or
+    Kaggle's .csv, in folder), else the last 10% of the images in file-name order (as the official test set)."""
     txt, csv = folder / "list_eval_partition.txt", folder / "list_eval_partition.csv"
     if not (txt.exists() or csv.exists()):
         return np.arange(len(names)) >= len(names) - (len(names) + 9) // 10
@@ -151,8 +126,7 @@ def celeba_test_rows(folder: Path, names: list[str]) -> np.ndarray:
         check_md5(path, raw, CELEBA_PARTITION_MD5)
     lines = (line.replace(",", " ").split() for line in raw.decode(errors="replace").splitlines())
     partition = {fields[0]: fields[1] for fields in lines if len(fields) == 2}       # a csv header line is harmless
-    unknown = [n for n in names if n not in partition]
-    if unknown:
+    if unknown := [n for n in names if n not in partition]:
         raise DataError(f"{path} has no partition for {len(unknown)} of the images (e.g. {unknown[0]}): "
                         "delete it to split by file name (the last 10% are the test set)")
     return np.array([partition[n] == "2" for n in names])
@@ -174,8 +148,7 @@ def load_celeba(roots: list[Path]) -> Dataset:
                 raise DataError(f"{zipped} is not unzipped: run `unzip {zipped} -d {zipped.parent}`")
         places = ", ".join(str(r / "celeba") for r in roots)
         raise DataError(f"CelebA is not in {places}: download img_align_celeba.zip by hand (there is no stable URL) "
-                        f"from {CELEBA_URLS} and unzip it into {folder}, "
-                        f"so that {images / '000001.jpg'} exists")
+                        f"from {CELEBA_URLS} and unzip it into {folder}, so that {images / '000001.jpg'} exists")
     if (images / "img_align_celeba").is_dir():                         # nested, as some copies unzip
         images = images / "img_align_celeba"
     names = sorted(f for f in os.listdir(images) if f.lower().endswith((".jpg", ".jpeg")))
@@ -187,8 +160,6 @@ def load_celeba(roots: list[Path]) -> Dataset:
     return Dataset("celeba", train_x, np.zeros(len(train_x), np.int64), test_x, np.zeros(len(test_x), np.int64),
                    labelled=False)
 
-
-# --------------------------------------------------------------------------------------------- all datasets
 
 LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "svhn": load_svhn, "celeba": load_celeba}
 DATASETS = tuple(LOADERS)
@@ -202,12 +173,9 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int, start: int = 0,
             binarize: bool = False):
-    """Shuffled mini-batches for one epoch, the order a function of (seed, epoch) only, so a resumed run sees
-    the same data. start skips the first batches. The last incomplete batch is dropped (jitted shapes are fixed).
-    Batches are float32 in [0, 1] whatever x's dtype (see as_float).
-    binarize: dynamic binarization, x ~ Bernoulli(pixel intensity), drawn afresh every epoch."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(x))
+    """Shuffled float32 mini-batches of one epoch from batch `start` on, in an order fixed by (seed, epoch) (a resumed
+    run sees the same data), the last incomplete one dropped; binarize: x ~ Bernoulli(x), drawn afresh each epoch."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(x))
     for i in range(start, len(x) // batch_size):
         idx = order[i * batch_size:(i + 1) * batch_size]
         xb = as_float(x[idx])

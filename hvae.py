@@ -3,13 +3,9 @@
     p(x, z) = p(x | z_1) prod_{l<L} p(z_l | z_{l+1}) p(z_L),   p(z_L) = N(0, I),
     p(z_l | z_{l+1}) = N(mu_l(z_{l+1}), sigma_l(z_{l+1})),      inference bottom-up: q(z_1 | x), q(z_{l+1} | z_l).
 
-Proposition 1: at the optimum of the ELBO, the Gibbs chain z_1 ~ q(z_1 | x_t), x_{t+1} ~ p(x | z_1), which uses
-only the bottom layer, samples the data distribution; `gibbs_chain` runs it. `generate(eps)` is the
-reparameterized generation of Eq. 15 with caller-supplied noise, so one can fix eps at all layers but one (Fig. 3).
-
-    from hvae import HVAE
-    from vlae import ModelConfig
-    model = HVAE(ModelConfig(model="hvae", latent_dims=(2, 2, 2), size="narrow"))
+Proposition 1: at the optimum of the ELBO, the Gibbs chain z_1 ~ q(z_1 | x_t), x_{t+1} ~ p(x | z_1) (bottom layer
+only) samples the data distribution; `gibbs_chain` runs it. `generate(eps)` is Eq. 15 with caller-supplied noise, so
+eps can be fixed at all layers but one (Fig. 3).
 """
 from __future__ import annotations
 import numpy as np
@@ -23,8 +19,7 @@ class HVAE(LatentModel):
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         dims, D, ch, shape = cfg.latent_dims, cfg.hidden, cfg.channels, cfg.image_shape
-        # Sizes mirror the VLAE of the same preset (same convolution stacks and dense widths) so that the two
-        # have about the same number of parameters; the README prints both counts.
+        # The VLAE's convolution stacks and dense widths, so the two have about as many parameters
         # q(z_1 | x): convs -> 2 x (dense, BN, lReLU) -> (mu, sigma); q(z_{l+1} | z_l): 2 x (dense, BN, lReLU) -> head
         self.q = [conv_encoder(shape, ch) + dense(conv_features(shape, ch), D, lrelu) + dense(D, D, lrelu)
                   + [GaussianHead(D, dims[0])]]
@@ -36,14 +31,11 @@ class HVAE(LatentModel):
         self.p_x = dense(dims[0], D, relu) + dense(D, 2 * D, relu) + conv_decoder(2 * D, shape, ch)
         init_weights(self)
 
-    def encode(self, x: Tensor, sample: bool = False) -> list[tuple[Tensor, Tensor]]:
-        """Bottom-up q(z_1 | x), q(z_{l+1} | z_l): [(mu_l, sigma_l), ...], each (B, d_l). Each layer is conditioned
-        on the mean of the one below (sample=False, deterministic) or on a reparameterized sample of it."""
-        out, h = [], x
+    def encode(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Bottom-up q(z_1 | x), q(z_{l+1} | z_l), each on the mean below: [(mu_l, sigma_l), ...], each (B, d_l)."""
+        out = []
         for q in self.q:
-            mu, sigma = h.sequential(q)
-            out.append((mu, sigma))
-            h = reparameterize(mu, sigma) if sample else mu
+            out.append((out[-1][0] if out else x).sequential(q))
         return out
 
     def prior_params(self, zs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -58,13 +50,11 @@ class HVAE(LatentModel):
         """Eq. 5 with one reparameterized sample per layer (drawn here, or z_l = mu_l + sigma_l * eps_l):
         log p(x | z_1) + sum_l [log p(z_l | z_{l+1}) - log q(z_l | z_{l-1})], z_0 = x, p(z_L) = N(0, I).
         kl[l] is the single-sample estimate log q(z_l | .) - log p(z_l | .) of layer l's share."""
-        zs, log_q, h = [], [], x
+        zs, log_q = [], []
         for i, q in enumerate(self.q):
-            mu, sigma = h.sequential(q)
-            z = reparameterize(mu, sigma, None if eps is None else eps[i])
-            zs.append(z)
-            log_q.append(gaussian_log_prob(z, mu, sigma))
-            h = z
+            mu, sigma = (zs[-1] if zs else x).sequential(q)
+            zs.append(reparameterize(mu, sigma, None if eps is None else eps[i]))
+            log_q.append(gaussian_log_prob(zs[-1], mu, sigma))
         log_p = [gaussian_log_prob(z, mu, sigma) for z, (mu, sigma) in zip(zs, self.prior_params(zs))]
         log_p.append(standard_normal_log_prob(zs[-1]))                                   # p(z_L) = N(0, I)
         recon = log_likelihood(x, self.decode_logits(zs), self.cfg)
@@ -72,8 +62,7 @@ class HVAE(LatentModel):
         return ELBO(recon - sum(kl[1:], kl[0]), recon, kl)
 
     def log_weight(self, x: Tensor, eps: list[Tensor]) -> Tensor:
-        """log w = log p(x, z) - log q(z | x) (B,) for the z that eps gives: Eq. 5's single-sample ELBO is exactly one
-        importance weight of the IW bound (Burda et al. 2015)."""
+        """log w = log p(x, z) - log q(z | x) (B,) for the z of eps: Eq. 5's one-sample ELBO (Burda et al. 2015)."""
         return self.elbo(x, eps).elbo
 
     def generate_latents(self, eps: list[Tensor]) -> list[Tensor]:
@@ -95,9 +84,8 @@ class HVAE(LatentModel):
         return self.decode(self.generate_latents(eps))
 
     def gibbs_step(self, x: Tensor, eps: Tensor, noise: Tensor, sample_x: bool = True) -> Tensor:
-        """Proposition 1, Eq. 6: z_1 ~ q(z_1 | x_t), then x_{t+1} ~ p(x | z_1) (or its mean).
-        The noise comes in as arguments (eps ~ N(0, I) for z_1, noise ~ U(0, 1) for x) so that a jitted chain
-        follows Tensor.manual_seed exactly."""
+        """Proposition 1, Eq. 6: z_1 ~ q(z_1 | x_t), then x_{t+1} ~ p(x | z_1) (or its mean). The noise comes in as
+        arguments (eps ~ N(0, I), noise ~ U(0, 1)) so that a jitted chain follows Tensor.manual_seed exactly."""
         mu, sigma = x.sequential(self.q[0])
         mean = self.decode([reparameterize(mu, sigma, eps)])
         if not sample_x:
@@ -109,9 +97,8 @@ class HVAE(LatentModel):
         return (mean + self.cfg.sigma_x * normal).clip(0, 1)
 
     def gibbs_chain(self, x0: Tensor | int, steps: int, sample_x: bool = True) -> np.ndarray:
-        """Run the bottom-layer Gibbs chain for `steps` steps from images x0 (B, C, H, W), or from uniform noise
-        when x0 is a number of chains. Returns every state, (steps + 1, B, C, H, W); state 0 is x0. Only q(z_1 | x)
-        and p(x | z_1) are used: the upper layers play no part."""
+        """The bottom-layer Gibbs chain for `steps` steps from images x0 (B, C, H, W), or from uniform noise when x0 is
+        a number of chains: every state, (steps + 1, B, C, H, W), state 0 is x0. The upper layers play no part."""
         x = Tensor.rand(x0, *self.cfg.image_shape) if isinstance(x0, int) else x0
         step = jitted(self, f"gibbs_{'sampled' if sample_x else 'means'}",
                       lambda *a: self.gibbs_step(*a, sample_x).realize())

@@ -5,12 +5,10 @@
     python train.py --dataset mnist --resume         # continues from out/mnist-vlae/checkpoint.safetensors
     DEV=CUDA python train.py --size paper            # the authors' full network on a GPU (DEV=METAL, DEV=CL ...)
 
-The run folder gets checkpoint.safetensors (weights, Adam state, step, RNG state and the config as JSON metadata,
-written atomically after every epoch), metrics.jsonl (one line per epoch, with the loss, reconstruction, KL per layer
-and KL weight at each log point), curves.png (those against steps), samples-epochN.png (the same prior draws every
-epoch; samples.png is the latest) and reconstructions.png.
-Ctrl-C or SIGTERM finishes the current step, saves a checkpoint there and exits (130 / 143); --resume continues
-with the same batches and ends with the same weights, bit for bit on a CPU, as a run that was never stopped.
+After every epoch the run folder gets checkpoint.safetensors (weights, Adam state, step, RNG state, the config;
+written atomically), a line of metrics.jsonl, curves.png, samples-epochN.png (the same prior draws every epoch;
+samples.png is the latest) and reconstructions.png. Ctrl-C or SIGTERM finishes the step, saves a checkpoint and
+exits (130 / 143); --resume then ends with the same weights, bit for bit on a CPU, as a run never stopped.
 """
 from __future__ import annotations
 import argparse, dataclasses, json, math, shutil, signal, sys, time
@@ -24,9 +22,9 @@ from vlae import ModelConfig, SIZES, n_params, weights
 from arrays import elbo_parts, generate_images
 import fast
 from checkpoint import (CHECKPOINT, MODELS, StopSignals, Stopped, UserError, build_model, checkpoint_tensors,
-                        load_weights, optimizer_state, read_checkpoint, save_checkpoint)
+                        code_version, load_weights, optimizer_state, read_checkpoint, save_checkpoint)
 
-# The authors' code sizes per dataset (../shared/DESIGN.md): 3 layers of 2 on MNIST, 4 layers on SVHN and CelebA
+# The authors' code sizes per dataset (../shared/DESIGN.md)
 LATENT_DIMS = {"mnist": (2, 2, 2), "fashion-mnist": (2, 2, 2), "svhn": (5, 5, 5, 10), "celeba": (10, 10, 10, 10)}
 # A plain --resume continues exactly: these flags, unless given, take the checkpoint's values (not the defaults),
 # and those of DATA_ORDER, which fix which batch comes next, may not change; nor may the model's (MODEL_FLAGS)
@@ -35,9 +33,7 @@ DATA_ORDER = ("dataset", "batch_size", "seed", "subset")
 MODEL_FLAGS = ("model", "latent_dims", "size", "combiner", "likelihood", "sigma_x")
 
 
-# ---------------------------------------------------------------------------------------------------------
 # One training loop for both models: anything with .elbo(x) -> ELBO(elbo, recon, kl), .encode, .decode, .generate
-# ---------------------------------------------------------------------------------------------------------
 
 def kl_weight(step: int, warmup: int) -> float:
     """The authors' KL warm-up, 1 - exp(-step / warmup); warmup = 0 gives the plain ELBO from the first step."""
@@ -47,16 +43,12 @@ def kl_weight(step: int, warmup: int) -> float:
 class Trainer:
     def __init__(self, model, lr: float):
         self.model = model
-        # Adam splits these into parameters and buffers (BatchNorm running statistics); it realizes both in each
-        # step, which is what makes the running statistics update at all.
+        # Adam realizes the BatchNorm running statistics (its buffers) in each step too: that is what updates them
         self.opt = nn.optim.Adam(list(weights(model).values()), lr=lr)
-        L = len(model.cfg.latent_dims)
-        self.totals = Tensor.zeros(2 + L).contiguous().realize()   # running sums of (loss, recon, kl_1..kl_L)
-        # steps taken, and the first of them (1-based) whose loss was nan or inf (0: none yet): kept on the device
-        # and read at log points, so that naming the exact step costs no sync per step
-        self.steps = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
-        self.first_bad = Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize()
-        # Everything the step reads and updates is made a buffer now, not folded into the first step's graph
+        self.totals = Tensor.zeros(2 + model.L).contiguous().realize()   # running sums of (loss, recon, kl_1..kl_L)
+        # steps taken, and the first (1-based) whose loss was nan or inf (0: none): read at log points, not every step
+        self.steps, self.first_bad = (Tensor.zeros(1, dtype=dtypes.int32).contiguous().realize() for _ in range(2))
+        # Everything the step reads and updates made a buffer now, not folded into the first step's graph
         Tensor.realize(*weights(model).values(), *optimizer_state(self.opt).values(), self.opt.lr)
         self.step = self.jit = fast.jit(self._step)     # step(x, beta): _step jitted (tinygrad's TinyJit unless fast/)
 
@@ -83,8 +75,7 @@ class Trainer:
 
 
 class Run:
-    """A training run in progress: its Trainer and where it stands (step, epoch, batch, log and metrics are saved in
-    the checkpoint's metadata), with what the loop does besides stepping: log, save, stop, end an epoch."""
+    """A training run in progress: its Trainer, where it stands, and what the loop does besides stepping."""
     def __init__(self, trainer: Trainer, cfg: ModelConfig, args):
         self.trainer, self.cfg, self.args, self.path = trainer, cfg, args, args.out / CHECKPOINT
         self.step, self.epoch, self.batch = 0, 0, 0     # steps taken, epochs completed, batches of this epoch done
@@ -93,7 +84,6 @@ class Run:
         self.tag = f"{cfg.model.upper()} {cfg.size} {cfg.latent_dims}"
 
     def resume(self, state: dict, meta: dict) -> None:
-        """Load a checkpoint's weights, Adam state, RNG counter and running sums, and where the run stood."""
         trainer = self.trainer
         totals = trainer.totals if "train.totals" in state else None         # (absent from older checkpoints)
         load_weights(trainer.model, state, self.path, trainer.opt, totals)
@@ -103,7 +93,6 @@ class Run:
         self.first_step = self.saved_step = self.step
 
     def log_point(self, stats: Tensor, bar, beta: float) -> None:
-        """Log the step's (loss, recon, kl_1..kl_L) and KL weight beta; show them on the progress bar."""
         s = stats.numpy()                                               # the only sync in the training loop
         self.check_finite()
         self.log.append({"step": self.step, "kl_weight": beta, "loss": float(s[0]), "recon": float(s[1]),
@@ -114,25 +103,22 @@ class Run:
             print(bar.desc.rstrip(": "), file=sys.stderr, flush=True)
 
     def check_finite(self) -> None:
-        """Stop if a loss since this process started was nan or inf, naming the first such step."""
-        bad = int(self.trainer.first_bad.item())         # 1-based; 0 if none. A sync: at log points only
-        if bad:
+        if bad := int(self.trainer.first_bad.item()):      # a loss since this process started was nan or inf
             last = f"{self.path} (step {self.saved_step})" if self.saved_step is not None else "none was written"
             raise UserError(f"the loss became nan or inf at step {self.first_step + bad} (seen at step {self.step}); "
                             f"training stopped without saving. The last good checkpoint is {last}: lower --lr and "
                             f"--resume, or start again")
 
     def save(self) -> None:
-        """Write the checkpoint (atomically), unless a loss was nan: never overwrite a good checkpoint with it."""
-        self.check_finite()
+        self.check_finite()                             # never overwrite a good checkpoint with a nan
         flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items() if k != "given"}
         meta = {"config": self.cfg.to_dict(), "train": flags, "step": self.step, "epoch": self.epoch,
-                "batch": self.batch, "log": self.log, "metrics": self.metrics}
+                "batch": self.batch, "log": self.log, "metrics": self.metrics, "code": code_version()}
         save_checkpoint(self.path, self.trainer.model, self.trainer.opt, meta, self.trainer.totals)
         self.saved_step = self.step
 
     def save_curves(self) -> None:
-        """curves.png: the loss, reconstruction, KL per layer and KL weight at every log point in metrics.jsonl."""
+        """curves.png: every log point in metrics.jsonl."""
         lines = (self.args.out / "metrics.jsonl").read_text().splitlines()
         log = [p for line in lines for p in json.loads(line).get("train_log", []) if isinstance(p, dict)]
         if not log:                                     # (a run resumed from a checkpoint of older code)
@@ -156,16 +142,14 @@ class Run:
                                f"{self.args.out} --resume`")
 
     def end_epoch(self, test_x: np.ndarray, steps_per_epoch: int, timed_steps: int, seconds: float) -> None:
-        """The epoch's metrics (training means, the test-set ELBO and its parts), then the checkpoint (what --resume
-        needs), then metrics.jsonl, samples-epochN.png (the same 100 prior draws every epoch; samples.png a copy),
-        reconstructions.png and curves.png."""
+        """The epoch's metrics (training means, the test-set ELBO and its parts), the checkpoint, then the files."""
         self.epoch, self.batch, args, model = self.epoch + 1, 0, self.args, self.trainer.model
         totals = self.trainer.totals.numpy() / steps_per_epoch
         parts, recon = elbo_parts(model, test_x)
         self.metrics = {"epoch": self.epoch, "step": self.step, "kl_weight": kl_weight(self.step, args.kl_warmup),
                         "train_loss": float(totals[0]), "train_recon": float(totals[1]),
-                        "train_kl": [float(k) for k in totals[2:]], "test_elbo": float(parts[:, 0].mean()),
-                        "test_recon": float(parts[:, 1].mean()), "test_kl": [float(k) for k in parts[:, 2:].mean(0)],
+                        "train_kl": totals[2:].tolist(), "test_elbo": float(parts[:, 0].mean()),
+                        "test_recon": float(parts[:, 1].mean()), "test_kl": parts[:, 2:].mean(0).tolist(),
                         "train_log": self.log, "epoch_seconds": round(seconds, 1),
                         "images_per_second": round(timed_steps * args.batch_size / seconds, 1)}
         self.log = []
@@ -175,13 +159,12 @@ class Run:
         try:
             with open(args.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(self.metrics) + "\n")
-            samples = save_png(image_grid(generate_images(model, eps), 10, scale=2),
-                               args.out / f"samples-epoch{self.epoch}.png", f"{self.tag} prior samples, epoch {self.epoch}")
+            samples = save_png(image_grid(generate_images(model, eps), 10, scale=2), args.out /
+                               f"samples-epoch{self.epoch}.png", f"{self.tag} prior samples, epoch {self.epoch}")
             shutil.copyfile(samples, args.out / "samples.png")
             self.save_curves()
-            save_png(image_grid(over_each_other(test_x[:30], recon[:30], 10), 10, scale=2),
-                     args.out / "reconstructions.png",
-                     f"{self.tag} test images (odd rows) and reconstructions, epoch {self.epoch}")
+            save_png(image_grid(over_each_other(test_x[:30], recon[:30], 10), 10, scale=2), args.out /
+                     "reconstructions.png", f"{self.tag} test images (odd rows), reconstructions, epoch {self.epoch}")
         except OSError as e:
             raise UserError(f"could not write to {args.out} ({e.strerror}); free disk space and --resume, or choose "
                             f"another --out. {self.path} holds epoch {self.epoch}") from None
@@ -213,8 +196,7 @@ def train(args) -> dict:
             if start == 0:
                 run.trainer.totals.assign(Tensor.zeros_like(run.trainer.totals)).realize()
             bar = tqdm(total=steps_per_epoch - start, desc=f"epoch {run.epoch + 1}/{args.epochs}", disable=None)
-            epoch_batches = batches(ds.train_x, ds.train_y, args.batch_size, args.seed, run.epoch, start, binarize)
-            for xb, _ in epoch_batches:
+            for xb, _ in batches(ds.train_x, ds.train_y, args.batch_size, args.seed, run.epoch, start, binarize):
                 if stop.signum:
                     break
                 run.step, run.batch = run.step + 1, run.batch + 1
@@ -230,41 +212,36 @@ def train(args) -> dict:
     return run.metrics
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------
-
 def parse_args(argv=None) -> argparse.Namespace:
-    """The flags, with args.given: the names of those given on the command line (a resumed run takes the others
-    from its checkpoint)."""
+    """The flags, with args.given: the names of those given (a resumed run takes the others from its checkpoint)."""
     p = argparse.ArgumentParser(description="Train a Variational Ladder Autoencoder (Zhao, Song & Ermon 2017).")
     p.add_argument("--dataset", default="mnist", help=f"{', '.join(DATASETS)} (default %(default)s; README, Datasets)")
     p.add_argument("--model", default="vlae", choices=sorted(MODELS), help="the model to train (default %(default)s)")
     p.add_argument("--epochs", type=int, default=3, help="epochs in all (default %(default)s; --resume ends there)")
     p.add_argument("--batch-size", type=int, default=100, help="images per step (default %(default)s, the authors')")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default %(default)s, the authors')")
-    p.add_argument("--latent-dims", default=None, help=f"code size per layer, bottom first (default: {LATENT_DIMS})")
-    p.add_argument("--size", default=None, choices=sorted(SIZES),
-                   help="network width: paper = the authors' network; default: paper on a GPU, medium on a CPU")
+    p.add_argument("--latent-dims", help=f"code size per layer, bottom first (default: {LATENT_DIMS})")
+    p.add_argument("--size", choices=sorted(SIZES), help="network width (default paper on a GPU, medium on a CPU)")
     p.add_argument("--combiner", default=ModelConfig.combiner, choices=["concat", "gated"],
                    help="how v_l(z_l) joins z~_{l+1}: gated add (authors' code), concat (Eq. 11) (default %(default)s)")
     p.add_argument("--likelihood", default=ModelConfig.likelihood, choices=["gaussian", "bernoulli"],
                    help="r(x|z): fixed-variance gaussian (the paper's) or bernoulli, binarized x (default %(default)s)")
-    p.add_argument("--sigma-x", type=float, default=ModelConfig.sigma_x,
-                   help="std of the gaussian likelihood (default %(default)s, the authors')")
-    p.add_argument("--kl-warmup", type=int, default=15000,
-                   help="KL weight 1 - exp(-step / N) as in the authors' code (default %(default)s); 0: no warm-up")
+    p.add_argument("--sigma-x", type=float, default=ModelConfig.sigma_x, help="std of the gaussian r (default 0.25)")
+    # The authors' T = 15,000 ends near weight 1 after their days of training; in this run's 1,800 steps it would
+    # end at 0.11. T = 600 ends at 0.95, and held Fig. 5 in the most seeds of the recipe search (README, Results)
+    p.add_argument("--kl-warmup", type=int, default=600,
+                   help="KL weight 1 - exp(-step / N), the authors' warm-up scaled to 3 epochs (default %(default)s); "
+                        "0: no warm-up")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise (default %(default)s)")
-    p.add_argument("--out", default=None, help="run folder (default out/<dataset>-<model>)")
+    p.add_argument("--out", help="run folder (default out/<dataset>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its flags unless given "
                    "(--epochs, --lr, --kl-warmup, --log-every may change; the data order and the model may not)")
-    p.add_argument("--data-dir", default=None, help="folder holding <dataset>/ (default $VLAE_DATA, then ./data)")
+    p.add_argument("--data-dir", help="folder holding <dataset>/ (default $VLAE_DATA, then ./data)")
     p.add_argument("--subset", type=int, default=0, help="train on the first N training images (default 0 = all)")
-    p.add_argument("--log-every", type=int, default=50,
-                   help="steps between progress-bar updates and loss-log entries (default %(default)s; each syncs)")
-    p.add_argument("--kernel-search", type=int, default=None, metavar="N", help="tinygrad's kernel search (BEAM) on "
-                   "the N slowest kernels of the step, once per network and device (default: 0 on OpenCL on a CPU, "
-                   "where it found nothing faster, 2 elsewhere; 0: off)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between loss-log entries (default %(default)s)")
+    p.add_argument("--kernel-search", type=int, metavar="N", help="tinygrad's kernel search (BEAM) on the N slowest "
+                   "kernels of the step, once per network and device (default: 0 on a CPU, OpenCL too, where it found "
+                   "nothing faster; 2 elsewhere)")
     p.add_argument("--plain", action="store_true", help="without the fast/ package: the model's plain tinygrad layers "
                    "and jit (slower; the same function up to float rounding)")
     args = p.parse_args(argv)
@@ -284,62 +261,53 @@ def latent_dims(text: str) -> tuple:
     return dims
 
 
-def default_size() -> str:
-    """The authors' network on an accelerator; on a CPU (OpenCL on a CPU too), `medium`: the narrowest network with
-    which the recipe study (study.py) reproduces the paper's Fig. 5 in 2 of 3 seeds after 3 epochs."""
-    return "medium" if fast.on_cpu(Device.DEFAULT) else "paper"
-
-
 def model_config(args, image_shape: tuple) -> ModelConfig:
-    """The ModelConfig the flags ask for (for --latent-dims and --size, the defaults depend on data and device)."""
+    """The ModelConfig the flags ask for. --size defaults to the authors' network on an accelerator, and on a CPU
+    (OpenCL on a CPU too) to `medium`: the narrowest network with which the recipe study (study.py) reproduces the
+    paper's Fig. 5 in 2 of 3 seeds after 3 epochs."""
     dims = latent_dims(args.latent_dims) if args.latent_dims else LATENT_DIMS[args.dataset]
     if args.likelihood == "bernoulli" and image_shape[0] != 1:
         raise UserError(f"--likelihood bernoulli binarizes grey-scale digits; {args.dataset} is in colour: use the "
                         f"default gaussian likelihood")
-    return ModelConfig(model=args.model, image_shape=image_shape, latent_dims=dims, size=args.size or default_size(),
+    size = args.size or ("medium" if fast.on_cpu(Device.DEFAULT) else "paper")
+    return ModelConfig(model=args.model, image_shape=image_shape, latent_dims=dims, size=size,
                        combiner=args.combiner, likelihood=args.likelihood, sigma_x=args.sigma_x)
 
 
 def check_args(args) -> None:
-    for k, lowest in {"epochs": 1, "batch_size": 1, "kl_warmup": 0, "subset": 0, "log_every": 1,
-                      "kernel_search": 0}.items():
-        if getattr(args, k) is not None and getattr(args, k) < lowest:
-            raise UserError(f"--{k.replace('_', '-')} must be >= {lowest} (got {getattr(args, k)})")
-    for k in ("lr", "sigma_x"):
-        if not getattr(args, k) > 0:
-            raise UserError(f"--{k.replace('_', '-')} must be > 0 (got {getattr(args, k)})")
+    for k, lowest in {"epochs": 1, "batch_size": 1, "kl_warmup": 0, "subset": 0, "log_every": 1, "kernel_search": 0,
+                      "lr": 0, "sigma_x": 0}.items():
+        strict = k in ("lr", "sigma_x")                                                  # (not >: nan too)
+        if (v := getattr(args, k)) is not None and not (v > lowest if strict else v >= lowest):
+            raise UserError(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} {lowest} (got {v})")
 
 
 def resume_flags(args, meta: dict) -> None:
-    """A resumed run: the flags not given take the checkpoint's values; a given data-order or model flag must agree
-    with the checkpoint."""
-    saved, cfg = meta["train"], meta["config"]
+    """A resumed run: the flags not given take the checkpoint's; a given data-order or model flag must agree."""
+    saved, cfg = meta["train"], ModelConfig(**meta["config"])
     for k in DATA_ORDER:
-        if k in args.given and k in saved and getattr(args, k) != saved[k]:
+        if k in args.given and k in saved and (given := getattr(args, k)) != saved[k]:
             raise UserError(f"--resume: the checkpoint in {args.out} was trained with --{k.replace('_', '-')} "
-                            f"{saved[k]}, not {getattr(args, k)}; drop that flag (a resumed run keeps its data order), "
-                            f"or start a new run with another --out")
+                            f"{saved[k]}, not {given}; drop that flag (the data order stays), or use another --out")
     for k in MODEL_FLAGS:
         given = latent_dims(args.latent_dims) if k == "latent_dims" and args.latent_dims else getattr(args, k)
-        saved_value = getattr(ModelConfig(**cfg), k)
-        if k in args.given and given != saved_value:
-            raise UserError(f"--resume: the checkpoint in {args.out} was trained with {k}={saved_value}, not {given}; "
-                            f"drop that flag, or start a new run with another --out")
+        if k in args.given and given != getattr(cfg, k):
+            raise UserError(f"--resume: the checkpoint in {args.out} was trained with {k}={getattr(cfg, k)}, not "
+                            f"{given}; drop that flag, or start a new run with another --out")
     for k in RESUMED:
         if k not in args.given and k in saved:
             setattr(args, k, saved[k])
 
 
 def setup(args):
-    """Check the flags, read a resumed run's checkpoint and take its flags, load the data (its training set cut to
-    --subset): (config, dataset, checkpoint arrays, checkpoint metadata); the last two are None for a new run."""
+    """Check the flags (a resumed run's from its checkpoint), load the data (cut to --subset): (config, dataset,
+    checkpoint arrays, checkpoint metadata); the last two are None for a new run."""
     path, state, meta = args.out / CHECKPOINT, None, None
     if args.resume:
         state, meta = read_checkpoint(path)
         resume_flags(args, meta)
     elif path.exists():
-        raise UserError(f"{path} already exists: pass --resume to continue that run, or --out NEW_FOLDER to start "
-                        f"another")
+        raise UserError(f"{path} already exists: pass --resume to continue that run, or --out NEW_FOLDER for another")
     check_args(args)
     ds = load_dataset(args.dataset, args.data_dir)
     if args.subset:

@@ -1,11 +1,8 @@
 """The Variational Ladder Autoencoder (Zhao, Song & Ermon, ICML 2017, section 4.1, Eq. 8-14).
 
-One latent layer z = (z_1, ..., z_L) with a standard-normal prior, split into L parts that sit at different
-network depths: z_1 is read from x through a shallow network and z_L through a deep one, so simple features
-(stroke width) end up at the bottom and abstract ones (digit identity) at the top.
-
-This file also holds the pieces that hvae.py reuses: blocks, the Gaussian head, the KL and log-density of a
-diagonal Gaussian, the two likelihoods r(x; .) and the shared image encoder/decoder stacks.
+One latent layer z = (z_1, ..., z_L) with a standard-normal prior, its parts read from x at increasing network depth,
+so simple features (stroke width) end up at the bottom and abstract ones (digit identity) at the top. Also the
+pieces hvae.py reuses: blocks, the Gaussian head and densities, the likelihoods r(x; .), the image encoder/decoder.
 
     from vlae import VLAE, ModelConfig
     model = VLAE(ModelConfig(latent_dims=(2, 2, 2), size="narrow"))
@@ -19,16 +16,14 @@ from typing import NamedTuple
 from tinygrad import Tensor, TinyJit, nn
 from tinygrad.nn.state import get_state_dict
 
-# Network widths. `paper` is the authors' network (../shared/DESIGN.md); `narrow` keeps its shape with fewer units;
-# `medium` has the authors' convolutions and narrow's dense layers (in study.py it keeps stroke thickness in the bottom
-# layer, as `paper` does and `narrow` does not); `tiny` is for tests. "channels", per image height: the stride-2
-# convolutions down to a small map, 28 -> 7x7 (MNIST), 32 -> 4x4 (SVHN), 64 -> 4x4 (CelebA); "hidden": dense width.
-SIZES = {
-    "paper": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 1024},
-    "medium": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 256},
-    "narrow": {"channels": {28: (16, 32), 32: (16, 32, 64), 64: (16, 32, 64, 128)}, "hidden": 256},
-    "tiny": {"channels": {28: (4, 8), 32: (4, 8, 8), 64: (4, 8, 8, 8)}, "hidden": 32},
-}
+# Network widths. `paper`: the authors' network (../shared/DESIGN.md); `narrow`: its shape with fewer units; `medium`:
+# the authors' convolutions, narrow's dense layers (in study.py it keeps stroke thickness in the bottom layer, as
+# `paper` does and `narrow` does not); `tiny`: for tests. "channels" per image height (stride-2 convolutions down to
+# 7x7 or 4x4); "hidden": dense width.
+SIZES = {"paper": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 1024},
+         "medium": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 256},
+         "narrow": {"channels": {28: (16, 32), 32: (16, 32, 64), 64: (16, 32, 64, 128)}, "hidden": 256},
+         "tiny": {"channels": {28: (4, 8), 32: (4, 8, 8), 64: (4, 8, 8, 8)}, "hidden": 32}}
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -47,22 +42,15 @@ class ModelConfig:
 
     def __post_init__(self):
         self.image_shape, self.latent_dims = tuple(self.image_shape), tuple(self.latent_dims)
-        if not self.channels:
-            by_height = SIZES[self.size]["channels"]
-            if self.image_shape[1] not in by_height:
-                raise ValueError(f"no {self.size} network for {self.image_shape[1]}-pixel images; "
-                                 f"known heights: {sorted(by_height)} (or give channels)")
-            self.channels = by_height[self.image_shape[1]]
+        by_height = {} if self.channels else SIZES[self.size]["channels"]
+        if not self.channels and self.image_shape[1] not in by_height:
+            raise ValueError(f"no {self.size} network for {self.image_shape[1]}-pixel images; "
+                             f"known heights: {sorted(by_height)} (or give channels)")
+        self.channels = tuple(self.channels or by_height[self.image_shape[1]])
         self.hidden = self.hidden or SIZES[self.size]["hidden"]
-        self.channels = tuple(self.channels)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    to_dict = asdict                         # self -> dict, the JSON stored in a checkpoint
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Pieces both models use
-# ---------------------------------------------------------------------------------------------------------
 
 def lrelu(x: Tensor) -> Tensor: return x.leaky_relu(0.1)   # the authors' leaky ReLU slope
 def relu(x: Tensor) -> Tensor: return x.relu()
@@ -75,39 +63,28 @@ def dense(n_in: int, n_out: int, act=None) -> list:
 
 def mlp(n_in: int, hidden: int, act, n_blocks: int = 2) -> list:
     """n_blocks x (dense, BN, act) followed by a plain dense layer: the authors' g_l, f_L and u_l."""
-    layers = []
-    for i in range(n_blocks):
-        layers += dense(n_in if i == 0 else hidden, hidden, act)
-    return layers + dense(hidden, hidden)
+    return [m for i in range(n_blocks) for m in dense(n_in if i == 0 else hidden, hidden, act)] + dense(hidden, hidden)
 
 
 def conv_encoder(image_shape: tuple, channels: tuple) -> list:
     """x (B, C, H, W) -> features (B, c_last * H/2^n * W/2^n): n 4x4 stride-2 convolutions, BN, leaky ReLU."""
-    layers, c_in = [], image_shape[0]
-    for c in channels:
-        layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.BatchNorm(c), lrelu]
-        c_in = c
-    return layers + [lambda x: x.flatten(1)]
+    ins = [image_shape[0], *channels[:-1]]
+    return [m for c_in, c in zip(ins, channels) for m in (nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.BatchNorm(c),
+                                                          lrelu)] + [lambda x: x.flatten(1)]
 
 
 def conv_features(image_shape: tuple, channels: tuple) -> int:
-    c, h, w = image_shape
-    return channels[-1] * (h >> len(channels)) * (w >> len(channels))
+    return channels[-1] * (image_shape[1] >> len(channels)) * (image_shape[2] >> len(channels))
 
 
 def conv_decoder(n_in: int, image_shape: tuple, channels: tuple) -> list:
     """features (B, n_in) -> logits (B, C, H, W): dense to a (c_last, H/2^n, W/2^n) map, then n transposed convs."""
-    c_img, h, w = image_shape
-    n = len(channels)
-    c0, h0, w0 = channels[-1], h >> n, w >> n
+    c0, h0, w0 = channels[-1], image_shape[1] >> len(channels), image_shape[2] >> len(channels)
     layers = dense(n_in, c0 * h0 * w0, relu) + [lambda x: x.reshape(-1, c0, h0, w0)]
-    outs = list(reversed(channels[:-1])) + [c_img]
-    c_in = c0
-    for i, c in enumerate(outs):
-        layers.append(nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1))
-        if i < len(outs) - 1:                                       # the last one emits the image's logits
-            layers += [nn.BatchNorm(c), relu]
-        c_in = c
+    outs = list(reversed(channels[:-1])) + [image_shape[0]]
+    for i, (c_in, c) in enumerate(zip([c0] + outs, outs)):
+        last = i == len(outs) - 1                                               # it emits the image's logits
+        layers += [nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1)] + ([] if last else [nn.BatchNorm(c), relu])
     return layers
 
 
@@ -121,12 +98,9 @@ class GaussianHead:
 
 
 def reparameterize(mu: Tensor, sigma: Tensor, eps: Tensor | None = None) -> Tensor:
-    """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2013): a sample that gradients flow through.
-    A sample drawn here is written out (contiguous), drawn once: left lazy, every kernel that reads z would redo
-    tinygrad's random draw for each element it reads. The same numbers either way."""
-    if eps is None:
-        return (mu + sigma * Tensor.randn(*mu.shape)).contiguous()
-    return mu + sigma * eps
+    """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2013). A sample drawn here is made contiguous: left lazy,
+    every kernel that reads z would redo tinygrad's random draw (the same numbers, drawn again)."""
+    return (mu + sigma * Tensor.randn(*mu.shape)).contiguous() if eps is None else mu + sigma * eps
 
 
 def gaussian_kl(mu: Tensor, sigma: Tensor) -> Tensor:
@@ -137,8 +111,7 @@ def gaussian_kl(mu: Tensor, sigma: Tensor) -> Tensor:
 
 def gaussian_log_prob(z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
     """log N(z; mu, sigma^2) per example, summed over all non-batch axes."""
-    lp = -0.5 * ((z - mu) / sigma).square() - sigma.log() - 0.5 * LOG_2PI
-    return lp.flatten(1).sum(axis=1)
+    return (-0.5 * ((z - mu) / sigma).square() - sigma.log() - 0.5 * LOG_2PI).flatten(1).sum(axis=1)
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -147,19 +120,16 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 def log_likelihood(x: Tensor, logits: Tensor, cfg: ModelConfig) -> Tensor:
-    """log r(x; f_0(z~_1)) per example (Eq. 10). The decoder emits logits; the image mean is sigmoid(logits).
-    gaussian: fixed-variance factorised Gaussian around the mean (the paper's choice), a density on [0, 1]^D.
-    bernoulli: for binarized x; log p = x * l - softplus(l), written in the overflow-free form."""
+    """log r(x; f_0(z~_1)) per example (Eq. 10), the image mean sigmoid(logits): gaussian, fixed variance (the paper's;
+    a density on [0, 1]^D), or bernoulli for binarized x (log p = x * l - softplus(l), in the overflow-free form)."""
     if cfg.likelihood == "gaussian":
-        sigma = Tensor.full((1,), cfg.sigma_x)
-        return gaussian_log_prob(x, logits.sigmoid(), sigma)
-    lp = x * logits - logits.relu() - (1 + (-logits.abs()).exp()).log()
-    return lp.flatten(1).sum(axis=1)
+        return gaussian_log_prob(x, logits.sigmoid(), Tensor.full((1,), cfg.sigma_x))
+    return (x * logits - logits.relu() - (1 + (-logits.abs()).exp()).log()).flatten(1).sum(axis=1)
 
 
 def weights(model) -> dict[str, Tensor]:
-    """The model's state (weights and BatchNorm statistics) by name: get_state_dict without private attributes, such
-    as the TinyJits `jitted` keeps on a model (model._generate_jit, ...) and the buffers they captured."""
+    """The model's weights and BatchNorm statistics by name: get_state_dict without private attributes (the TinyJits
+    `jitted` keeps on a model and the buffers they captured)."""
     return {k: v for k, v in get_state_dict(model).items() if not any(part.startswith("_") for part in k.split("."))}
 
 
@@ -193,15 +163,12 @@ def normal_quantiles(n: int, lo: float = QUANTILES[0], hi: float = QUANTILES[1])
 
 
 def quantile_grid(n: int) -> np.ndarray:
-    """(n, n, 2) points of a 2-D code's prior (Fig. 5): point [r, c] = (q_c, q_r), so the first code unit grows left
-    to right, the second top to bottom."""
-    q = normal_quantiles(n)
-    return np.stack(np.meshgrid(q, q), axis=-1)
+    """(n, n, 2) points of a 2-D code's prior (Fig. 5): [r, c] = (q_c, q_r), unit 1 growing across, unit 2 down."""
+    return np.stack(np.meshgrid(*[normal_quantiles(n)] * 2), axis=-1)
 
 
 def jitted(obj, name: str, fn) -> TinyJit:
-    """TinyJit(fn), made on first use and kept on obj as the private attribute _<name>_jit, so that each function
-    compiles once per model (arrays.py runs the models so over numpy arrays); weights() skips what it captures."""
+    """TinyJit(fn), made on first use and kept on obj as _<name>_jit, so that it compiles once per model (arrays.py)."""
     if f"_{name}_jit" not in vars(obj):
         setattr(obj, f"_{name}_jit", TinyJit(fn))
     return getattr(obj, f"_{name}_jit")
@@ -211,23 +178,16 @@ class LatentModel:
     """What both models share. Subclasses define cfg, encode(x), decode_logits(zs) and generate(eps)."""
     cfg: ModelConfig
 
-    @property
-    def L(self) -> int:
-        return len(self.cfg.latent_dims)
+    L = property(lambda self: len(self.cfg.latent_dims))                   # the number of latent layers
 
     def decode(self, zs: list[Tensor]) -> Tensor:
         """[z_1, ..., z_L] -> image mean of r(x | z) in [0, 1]; the decoder emits logits."""
         return self.decode_logits(zs).sigmoid()
 
     def codes(self, x: Tensor) -> list[Tensor]:
-        """x -> the noise eps for which generate(eps) decodes the posterior means of x (Eq. 13). The VLAE's prior is
-        N(0, I), so these are the means mu_l(x) themselves."""
+        """x -> the eps for which generate(eps) decodes x's posterior means (Eq. 13): for a VLAE, the means mu_l(x)."""
         return [mu for mu, _ in self.encode(x)]
 
-
-# ---------------------------------------------------------------------------------------------------------
-# The VLAE
-# ---------------------------------------------------------------------------------------------------------
 
 class VLAE(LatentModel):
     def __init__(self, cfg: ModelConfig):
@@ -236,7 +196,6 @@ class VLAE(LatentModel):
         L, n_conv = len(dims), conv_features(shape, ch)
         if L < 2:
             raise ValueError("a VLAE needs at least 2 latent layers")
-
         # Inference network, Eq. 12-13: h_l = g_l(h_{l-1}), z_l ~ N(mu_l(h_l), sigma_l(h_l)), h_0 = x.
         # Following the authors' code, g_1 is the identity: z_1 reads x through its own two convolutions.
         # g_2 = convs -> dense; g_l (l > 2) = 2 x (dense, BN, lReLU) -> dense. Heads above z_1 are
@@ -244,7 +203,6 @@ class VLAE(LatentModel):
         self.g = [[]] + [conv_encoder(shape, ch) + dense(n_conv, D)] + [mlp(D, D, lrelu) for _ in range(L - 2)]
         self.head = [conv_encoder(shape, ch) + [GaussianHead(n_conv, dims[0])]]
         self.head += [dense(D, D, lrelu) + dense(D, D, lrelu) + [GaussianHead(D, d)] for d in dims[1:]]
-
         # Generative network, Eq. 8-11: z~_L = f_L(z_L); z~_l = u_l([z~_{l+1}; v_l(z_l)]); x ~ r(x; f_0(z~_1)).
         self.f_top = mlp(dims[-1], D, relu)
         self.v = [dense(d, D, lrelu if i == 0 else relu) for i, d in enumerate(dims[:-1])]
