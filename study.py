@@ -23,7 +23,7 @@ import fast
 
 RESULTS = Path("study/results.jsonl")
 # Named recipes; any field can be overridden by its flag. "authors" is their code at the time of the paper
-# (../shared/DESIGN.md): gated add, 8 * squared error (a Gaussian r with sigma 0.25), warm-up T = 15000, Adam 2e-4.
+# (github.com/ermongroup/Variational-Ladder-Autoencoder): gated add, 8 * squared error (a Gaussian r with sigma 0.25), warm-up T = 15000, Adam 2e-4.
 RECIPES = {
     "default": {"combiner": "concat", "likelihood": "gaussian", "sigma_x": 0.1, "kl_warmup": 1000, "lr": 1e-3},
     "gated": {"combiner": "gated", "likelihood": "gaussian", "sigma_x": 0.1, "kl_warmup": 1000, "lr": 1e-3},

@@ -2,7 +2,7 @@
 one line, then a good one) and its page in headless Chromium (a pad dragged with real pointer events changes the image
 to what the model decodes). The models are tiny and untrained, their weights scaled up so that every code shows.
 
-    VLAE_DATA=../shared/data python -m pytest -q test_explore.py
+    VLAE_DATA=/path/to/data python -m pytest -q test_explore.py
 
 The browser test needs Chromium (apt-get install -y chromium); it is skipped without it, except in CI
 (VLAE_REQUIRE_BROWSER=1, set by .ci/run, which installs it), where it fails.

@@ -1,7 +1,7 @@
 """Tests for the VLAE project: math against independent references, shapes, gradients, checkpoints, data, training,
 and the figures of sample.py.
 
-    VLAE_DATA=../shared/data python -m pytest -q test_vlae.py
+    VLAE_DATA=/path/to/data python -m pytest -q test_vlae.py
 
 tinygrad compiles every new graph (tens of seconds on a CPU), so the models here are `tiny`, and kernels are
 compiled without tinygrad's kernel optimizations (NOOPT=1: same math, half the compile time; set NOOPT=0 to

@@ -24,7 +24,7 @@ import fast
 from checkpoint import (CHECKPOINT, MODELS, StopSignals, Stopped, UserError, build_model, checkpoint_tensors,
                         code_version, load_weights, optimizer_state, read_checkpoint, save_checkpoint)
 
-# The authors' code sizes per dataset (../shared/DESIGN.md)
+# The authors' code sizes per dataset (github.com/ermongroup/Variational-Ladder-Autoencoder)
 LATENT_DIMS = {"mnist": (2, 2, 2), "fashion-mnist": (2, 2, 2), "svhn": (5, 5, 5, 10), "celeba": (10, 10, 10, 10)}
 # A plain --resume continues exactly: these flags, unless given, take the checkpoint's values (not the defaults),
 # and those of DATA_ORDER, which fix which batch comes next, may not change; nor may the model's (MODEL_FLAGS)
@@ -263,8 +263,8 @@ def latent_dims(text: str) -> tuple:
 
 def model_config(args, image_shape: tuple) -> ModelConfig:
     """The ModelConfig the flags ask for. --size defaults to the authors' network on an accelerator, and on a CPU
-    (OpenCL on a CPU too) to `medium`: the narrowest network with which the recipe study (study.py) reproduces the
-    paper's Fig. 5 in 2 of 3 seeds after 3 epochs."""
+    (OpenCL on a CPU too) to `medium`: the authors' convolutions with narrower dense layers, 3 epochs in tens of
+    minutes (README, Results over seeds: how often it shows Fig. 5)."""
     dims = latent_dims(args.latent_dims) if args.latent_dims else LATENT_DIMS[args.dataset]
     if args.likelihood == "bernoulli" and image_shape[0] != 1:
         raise UserError(f"--likelihood bernoulli binarizes grey-scale digits; {args.dataset} is in colour: use the "

@@ -16,10 +16,9 @@ from typing import NamedTuple
 from tinygrad import Tensor, TinyJit, nn
 from tinygrad.nn.state import get_state_dict
 
-# Network widths. `paper`: the authors' network (../shared/DESIGN.md); `narrow`: its shape with fewer units; `medium`:
-# the authors' convolutions, narrow's dense layers (in study.py it keeps stroke thickness in the bottom layer, as
-# `paper` does and `narrow` does not); `tiny`: for tests. "channels" per image height (stride-2 convolutions down to
-# 7x7 or 4x4); "hidden": dense width.
+# Network widths. `paper`: the authors' network (github.com/ermongroup/Variational-Ladder-Autoencoder); `narrow`:
+# its shape with fewer units; `medium`: the authors' convolutions with narrow's dense layers, the default on a CPU;
+# `tiny`: for tests. "channels" per image height (stride-2 convolutions down to 7x7 or 4x4); "hidden": dense width.
 SIZES = {"paper": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 1024},
          "medium": {"channels": {28: (64, 128), 32: (64, 128, 256), 64: (64, 128, 256, 512)}, "hidden": 256},
          "narrow": {"channels": {28: (16, 32), 32: (16, 32, 64), 64: (16, 32, 64, 128)}, "hidden": 256},
@@ -34,7 +33,7 @@ class ModelConfig:
     image_shape: tuple = (1, 28, 28)         # (C, H, W)
     latent_dims: tuple = (2, 2, 2)           # code size of z_1 (bottom) ... z_L (top)
     size: str = "narrow"                     # a key of SIZES
-    combiner: str = "gated"                  # "gated" (the authors' code; reproduces more) or "concat" (Eq. 11)
+    combiner: str = "gated"                  # "gated" (the authors' code) or "concat" (Eq. 11)
     likelihood: str = "gaussian"             # "gaussian" (fixed variance, the paper's r) or "bernoulli"
     sigma_x: float = 0.25                    # std of the Gaussian r; 0.25: the authors' loss 8 * sum((x_hat - x)^2)
     channels: tuple = field(default=())      # conv channels; filled from SIZES when empty
