@@ -254,5 +254,4 @@ def export_model(run: Path, out: Path) -> Path:
 
 
 if __name__ == "__main__":     # python checkpoint.py RUN OUT: export RUN's model in float16 to OUT (pretrained/)
-    import sys
     print(f"wrote {export_model(Path(sys.argv[1]), Path(sys.argv[2]))}")

@@ -291,12 +291,6 @@ JUDGED = ("resample", "grid")                # a seed's verdict needs both (docs
 BOOTSTRAP, LEVEL = 2000, 0.95                # resamples; a check holds when P(named layer largest) >= LEVEL
 
 
-def most(values: list[float]) -> int:
-    """The layer (1-based) with the largest value, or 0 when no layer stands out (the largest is 0 or tied)."""
-    order = np.argsort(values)[::-1]
-    return int(order[0]) + 1 if values[order[0]] > 0 and values[order[0]] > values[order[1]] else 0
-
-
 def fig5_quantities(rows: list[dict], keys: dict) -> dict[str, tuple[np.ndarray, list[int]]]:
     """The paper's three Fig. 5 claims as (quantity per layer, the layers the claim names, 0-based): the bottom
     layer's thickness share; the middle layers' share of width and tilt (the mean of the width and slant shares:
@@ -320,32 +314,31 @@ def read_check(p: float) -> str:
     return "holds" if p >= LEVEL else "fails" if p <= 1 - LEVEL else "unclear"
 
 
+def leads(quantity: np.ndarray, named: list[int], boot: list[np.ndarray]) -> dict:
+    """The named layers' lead on all the data (margin), its 5-95 % interval and P(margin > 0) over the bootstrap's
+    quantities, and the verdict (read_check)."""
+    ms = np.array([margin(b, named) for b in boot])
+    p = float((ms > 0).mean())
+    return {"margin": margin(quantity, named), "interval": [float(np.quantile(ms, 0.05)), float(np.quantile(ms, 0.95))],
+            "p": p, "verdict": read_check(p), "led_by": int(np.argmax(quantity)) + 1,
+            "per_layer": [float(v) for v in quantity]}
+
+
 def fig5_verdict(units: list[dict], grid: list[dict], seed: int = 0, n: int = BOOTSTRAP) -> dict:
-    """Does the paper's hierarchy hold, beyond the measurement's own noise? For each measure and check: the margin
-    (fig5_quantities, margin) on all the data, its 5-95 % interval and P(margin > 0) over a paired bootstrap (the
-    contexts of the resampling measures, the cells of the grid, each drawn once for all layers), and the verdict
-    (read_check). A check holds for the model when it holds by both judged measures, fails when it fails by either;
-    the hierarchy holds when all checks hold. docs/fig5-protocol.md gives the reasons."""
+    """Does the paper's hierarchy hold, beyond the measurement's own noise? For each measure and check: the named
+    layer's lead (fig5_quantities, leads) over a paired bootstrap (the contexts of the resampling measures, the cells
+    of the grid, each drawn once for all layers). A check holds for the model when it holds by both judged measures,
+    fails when it fails by either; the hierarchy holds when all checks hold. docs/fig5-protocol.md gives the reasons."""
     rng = np.random.default_rng(seed)
     bases, cells = len(units[0]["identity"]), len(grid[0]["labels"])
-    draws = {"resample": [rng.integers(0, bases, bases) for _ in range(n)],
-             "grid": [rng.integers(0, cells, cells) for _ in range(n)]}
-    draws["all draws"] = draws["resample"]
-    def rows_of(m, idx=None):
-        if m == "grid": return grid_scores(grid, idx)
-        return means([{k: v if idx is None else v[idx] for k, v in u.items()} for u in units])
+    context_draws = [rng.integers(0, bases, bases) for _ in range(n)]
+    cell_draws = [rng.integers(0, cells, cells) for _ in range(n)]
+    rows = [means(units)] + [means([{k: v[idx] for k, v in u.items()} for u in units]) for idx in context_draws]
+    grids = [grid_scores(grid)] + [grid_scores(grid, idx) for idx in cell_draws]
     by = {}
-    for m, keys in FIG5_KEYS.items():
-        point = fig5_quantities(rows_of(m), keys)
-        boot = [fig5_quantities(rows_of(m, idx), keys) for idx in draws[m]]
-        by[m] = {}
-        for c, (q, named) in point.items():
-            ms = np.array([margin(*b[c]) for b in boot])
-            p = float((ms > 0).mean())
-            by[m][c] = {"margin": margin(q, named), "interval": [float(np.quantile(ms, 0.05)),
-                                                                float(np.quantile(ms, 0.95))],
-                        "p": p, "verdict": read_check(p), "led_by": int(np.argmax(q)) + 1,
-                        "per_layer": [float(v) for v in q]}
+    for m, keys in FIG5_KEYS.items():                  # the two resampling measures share their resamples' rows
+        point, *boot = [fig5_quantities(r, keys) for r in (grids if m == "grid" else rows)]
+        by[m] = {c: leads(q, named, [b[c][0] for b in boot]) for c, (q, named) in point.items()}
     checks = {}
     for c in by["resample"]:
         v = [by[m][c]["verdict"] for m in JUDGED]
@@ -358,15 +351,12 @@ def fig5_verdict(units: list[dict], grid: list[dict], seed: int = 0, n: int = BO
 
 def layer_leads(units: list[dict], key: str, named: list[int], seed: int = 0, n: int = BOOTSTRAP) -> dict:
     """Does a named layer carry the largest share of one resampling measure (e.g. the HVAE's pixel variance, Fig. 3)?
-    The margin, its bootstrap interval over the contexts, P(margin > 0) and the verdict, read as fig5_verdict reads
-    a check."""
+    Read over a bootstrap of the contexts as fig5_verdict reads a check (leads)."""
     rng = np.random.default_rng(seed)
     share = lambda idx: np.array(normalised([{key: np.nanmean(u[key][idx])} for u in units], key))
     bases = len(units[0][key])
-    ms = np.array([margin(share(rng.integers(0, bases, bases)), named) for _ in range(n)])
-    p = float((ms > 0).mean())
-    return {"per_layer": [float(v) for v in share(np.arange(bases))], "margin": margin(share(np.arange(bases)), named),
-            "interval": [float(np.quantile(ms, 0.05)), float(np.quantile(ms, 0.95))], "p": p, "verdict": read_check(p)}
+    boot = [share(rng.integers(0, bases, bases)) for _ in range(n)]
+    return leads(share(np.arange(bases)), named, boot)
 
 
 def hierarchy(generate_fn, dims: tuple, clf: Classifier, args, rng: np.random.Generator) -> dict:
