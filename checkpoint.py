@@ -246,7 +246,8 @@ def export_model(run: Path, out: Path) -> Path:
     flags, epoch, metrics and code version: the file shipped in pretrained/ (half the size; sample.py, evaluate.py
     and explore.py load it as float32)."""
     state, meta = read_checkpoint(run)
-    model = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in state.items() if k.startswith("model.")}
+    model = {k: v.astype(np.float16) if v.dtype == np.float32 else v
+             for k, v in state.items() if k.startswith("model.")}
     out.mkdir(parents=True, exist_ok=True)
     keep = {k: meta[k] for k in ("config", "train", "step", "epoch", "metrics", "code") if k in meta}
     atomic_safe_save({k: Tensor(v) for k, v in model.items()}, out / CHECKPOINT, keep | {"exported_from": str(run)})

@@ -23,7 +23,8 @@ import fast
 
 RESULTS = Path("study/results.jsonl")
 # Named recipes; any field can be overridden by its flag. "authors" is their code at the time of the paper
-# (github.com/ermongroup/Variational-Ladder-Autoencoder): gated add, 8 * squared error (a Gaussian r with sigma 0.25), warm-up T = 15000, Adam 2e-4.
+# (github.com/ermongroup/Variational-Ladder-Autoencoder): gated add, 8 * squared error (a Gaussian r with sigma
+# 0.25), warm-up T = 15000, Adam 2e-4.
 RECIPES = {
     "default": {"combiner": "concat", "likelihood": "gaussian", "sigma_x": 0.1, "kl_warmup": 1000, "lr": 1e-3},
     "gated": {"combiner": "gated", "likelihood": "gaussian", "sigma_x": 0.1, "kl_warmup": 1000, "lr": 1e-3},
@@ -131,7 +132,8 @@ def measure_run(run: Path, on_cell) -> None:
         ds = load_dataset(meta["train"]["dataset"])
         test_x = binarized_test_set(ds.test_x) if model.cfg.likelihood == "bernoulli" else as_float(ds.test_x)
         parts, _ = elbo_parts(model, test_x)
-        elbo, seconds = {"test_elbo": float(parts[:, 0].mean()), "test_kl": [float(k) for k in parts[:, 2:].mean(0)]}, 0.0
+        elbo = {"test_elbo": float(parts[:, 0].mean()), "test_kl": [float(k) for k in parts[:, 2:].mean(0)]}
+        seconds = 0.0
     on_cell(meta["epoch"], meta["step"], seconds, elbo, lambda eps: generate_images(model, eps), None)
 
 
@@ -216,15 +218,18 @@ def run_study(args) -> None:
 
 
 def checks(row: dict, measure: str | None = None) -> str:
-    c = row["fig5"]["checks"] if measure is None else {k: v["verdict"] for k, v in row["fig5"]["by_measure"][measure].items()}
+    by = row["fig5"]["by_measure"]
+    c = row["fig5"]["checks"] if measure is None else {k: v["verdict"] for k, v in by[measure].items()}
     return "/".join(c.values())
 
 
 def summary(row: dict) -> str:
     if row.get("model") == "hvae":
         return (f"HVAE {row['recipe']} {row['width']} seed {row['seed']} epoch {row['epoch']}: Fig. 3 top layer leads "
-                f"the pixel variance: {row['fig3']['verdict']} (shares {' / '.join(f'{v:.2f}' for v in row['pixel_var_share'])}); "
-                f"Fig. 2 Frechet distance Gibbs {row['gibbs_frechet']:.0f} vs ancestral {row['ancestral_frechet']:.0f}; "
+                f"the pixel variance: {row['fig3']['verdict']} "
+                f"(shares {' / '.join(f'{v:.2f}' for v in row['pixel_var_share'])}); "
+                f"Fig. 2 Frechet distance Gibbs {row['gibbs_frechet']:.0f} vs ancestral "
+                f"{row['ancestral_frechet']:.0f}; "
                 f"test ELBO {row['test_elbo']:.2f}")
     return (f"{row['recipe']} {row['width']} seed {row['seed']} epoch {row['epoch']} ({row['trainer']}): "
             f"Fig. 5 resample {checks(row, 'resample')}, grid {checks(row, 'grid')}, verdict {checks(row)}; "
@@ -253,7 +258,8 @@ def hvae_table(rows: list[dict]) -> str:
         n, share = len(g), np.mean([r["pixel_var_share"] for r in g], 0)
         fd = " ".join(f"{r['gibbs_frechet']:.0f}/{r['ancestral_frechet']:.0f}" for r in g)
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
-                     f"{' / '.join(f'{v:.2f}' for v in share)} | {sum(r['fig3']['verdict'] == 'holds' for r in g)}/{n} | "
+                     f"{' / '.join(f'{v:.2f}' for v in share)} | "
+                     f"{sum(r['fig3']['verdict'] == 'holds' for r in g)}/{n} | "
                      f"{fd} | "
                      f"{sum(r['fig2_gibbs_within_20pct'] for r in g)}/{n} | "
                      f"{np.mean([r['test_elbo'] for r in g]):.1f} |")

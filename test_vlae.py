@@ -1633,7 +1633,8 @@ def test_torch_mirror_training_step_equals_train_pys(model_name, combiner, monke
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(16, *cfg.image_shape)).astype(np.float32)
     noise = {}                                       # the k-th draw of z (or eps) of a step, the same on both sides
-    def draw(k, shape): return noise.setdefault(k, np.random.default_rng(100 + k).standard_normal(shape).astype(np.float32))
+    def draw(k, shape):
+        return noise.setdefault(k, np.random.default_rng(100 + k).standard_normal(shape).astype(np.float32))
     calls = {"ours": 0, "theirs": 0}
     def ours_reparameterize(mu, sigma, eps=None):
         calls["ours"] += 1

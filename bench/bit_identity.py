@@ -32,7 +32,8 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="as train.py --plain (without the fast package)")
     p.add_argument("--npz", default=None, help="also write the arrays here")
     a = p.parse_args()
-    args = train.parse_args(["--dataset", "mnist", "--size", a.size, "--kl-warmup", "15000"])   # the KL weight of the hashes recorded in docs/performance.md
+    # --kl-warmup 15000: the KL weight under which the hashes in docs/performance.md were recorded
+    args = train.parse_args(["--dataset", "mnist", "--size", a.size, "--kl-warmup", "15000"])
     setup(a.plain)
     ds = load_dataset(args.dataset, args.data_dir)
     cfg = train.model_config(args, ds.image_shape)
