@@ -1299,15 +1299,15 @@ def tiny_run(folder: Path, **kw) -> Path:
     return folder
 
 
-# 2 layers gated; 4 layers concat with a 1-D bottom code (redrawn) and a 3-D top one (swapped; a gif unit by unit); the
-# 3-layer HVAE (its codes are eps, not means). 2-4 layers otherwise: test_shapes_for_2_3_4_layers, test_with_layer_...
-CONFIGS = [dict(latent_dims=(2, 2), combiner="gated"), dict(latent_dims=(1, 2, 2, 3), combiner="concat"),
-           dict(model="hvae", latent_dims=(2, 2, 2))]
+# 2 layers gated; 3 layers gated (the default's shape); 4 layers concat with a 1-D bottom code (redrawn) and a 3-D top
+# one (swapped; a gif unit by unit); the 3-layer HVAE (its codes are eps, not means)
+CONFIGS = [dict(latent_dims=(2, 2), combiner="gated"), dict(latent_dims=(2, 2, 2), combiner="gated"),
+           dict(latent_dims=(1, 2, 2, 3), combiner="concat"), dict(model="hvae", latent_dims=(2, 2, 2))]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
 def test_swap_redraw_and_gif_from_real_digits(cfg, tmp_path, capsys, monkeypatch):
-    """--from-test N --swap-layer L --redraw-layer 1 on 2 and 4 layers, both combiners, and on the HVAE: the grids
+    """--from-test N --swap-layer L --redraw-layer 1 on 2, 3 and 4 layers, both combiners, and on the HVAE: the grids
     decode the first N test digits' codes (model.codes: the posterior means for a VLAE) with layer L's code from
     digit B (the swap) or from the prior (the redraw); --gif animates a sweep, one frame per value of the code."""
     mnist_folder()
