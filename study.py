@@ -12,7 +12,7 @@ from there). --trainer torch needs PyTorch (`pip install torch`; it is not a req
 on one thread, so two runs use a 2-core machine fully; --trainer tinygrad runs train.py itself.
 """
 from __future__ import annotations
-import argparse, json, subprocess, sys, time
+import argparse, itertools, json, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 from data import DataError, as_float, binarized_test_set, load_dataset
@@ -45,7 +45,7 @@ def measure(generate_fn, dims: tuple, test_elbo: dict, clf, test_features: np.nd
     rng = np.random.default_rng(settings.seed)
     h = evaluate.hierarchy(generate_fn, dims, clf, settings, rng)
     eps = [rng.standard_normal((settings.samples, d), dtype=np.float32) for d in dims]
-    quality = evaluate.sample_quality(clf, generate_fn(eps), test_features)
+    quality = evaluate.sample_quality(clf, generate_fn(eps), test_features)[0]
     norm = h["layers"]["normalised"]
     return {**test_elbo, "fig5": h["fig5"], "resample": {k: norm[v] for k, v in evaluate.FIG5_KEYS["resample"].items()},
             "grid": h["grid"], "prior_frechet": quality["frechet"], "prior_classes": quality["classes"]}
@@ -62,14 +62,14 @@ def measure_hvae(generate_fn, checkpoint: Path, dims: tuple, test_elbo: dict, cl
     rows = evaluate.means(units)
     fig3 = evaluate.layer_leads(units, "pixel_var", [len(dims) - 1], settings.seed)
     eps = [rng.standard_normal((settings.samples, d), dtype=np.float32) for d in dims]
-    ancestral = evaluate.sample_quality(clf, generate_fn(eps), test_features)
+    ancestral, ancestral_features = evaluate.sample_quality(clf, generate_fn(eps), test_features)
     model, _ = load_model(checkpoint)
-    gibbs = evaluate.sample_quality(clf, evaluate.gibbs_samples(model, settings.samples, gibbs_steps, settings.seed),
-                                    test_features)
+    gibbs, gibbs_features = evaluate.sample_quality(
+        clf, evaluate.gibbs_samples(model, settings.samples, gibbs_steps, settings.seed), test_features)
     return {**test_elbo, "pixel_var_share": fig3["per_layer"], "identity_share": evaluate.normalised(rows, "identity"),
             "fig3": fig3, "ancestral_frechet": ancestral["frechet"],
-            "gibbs_frechet": gibbs["frechet"], "gibbs_classes": gibbs["classes"],
-            "fig2_gibbs_within_20pct": gibbs["frechet"] <= 1.2 * ancestral["frechet"], "gibbs_steps": gibbs_steps}
+            "gibbs_frechet": gibbs["frechet"], "gibbs_classes": gibbs["classes"], "gibbs_steps": gibbs_steps,
+            "fig2": evaluate.fig2_verdict(gibbs_features, ancestral_features, test_features, settings.seed)}
 
 
 def torch_cells(args, cfg: ModelConfig, recipe: dict, seed: int, ds, on_cell) -> None:
@@ -229,7 +229,7 @@ def summary(row: dict) -> str:
                 f"the pixel variance: {row['fig3']['verdict']} "
                 f"(shares {' / '.join(f'{v:.2f}' for v in row['pixel_var_share'])}); "
                 f"Fig. 2 Frechet distance Gibbs {row['gibbs_frechet']:.0f} vs ancestral "
-                f"{row['ancestral_frechet']:.0f}; "
+                f"{row['ancestral_frechet']:.0f}, within 20 %: {row['fig2']['verdict']}; "
                 f"test ELBO {row['test_elbo']:.2f}")
     return (f"{row['recipe']} {row['width']} seed {row['seed']} epoch {row['epoch']} ({row['trainer']}): "
             f"Fig. 5 resample {checks(row, 'resample')}, grid {checks(row, 'grid')}, verdict {checks(row)}; "
@@ -251,33 +251,41 @@ def commits(g: list[dict]) -> str:
 
 
 def hvae_table(rows: list[dict]) -> str:
-    """Fig. 3 and Fig. 2 for the HVAE: per cell, pixel-variance shares (mean over seeds) and the Frechet distances."""
-    lines = ["| recipe | width | trainer | epochs | seeds | pixel variance z_1 / z_2 / z_3 | top dominates (Fig. 3) "
-             "| FD Gibbs / ancestral | Gibbs within 20 % (Fig. 2) | test ELBO |", "|---" * 10 + "|"]
+    """Fig. 3 and Fig. 2 for the HVAE: per cell, pixel-variance shares (mean over seeds), the Frechet distances, and
+    in how many seeds each claim holds / is unclear / fails (evaluate.layer_leads, evaluate.fig2_verdict)."""
+    count = lambda g, key: " / ".join(str(sum(r[key]["verdict"] == v for r in g)) for v in ("holds", "unclear", "fails"))
+    lines = ["| recipe | width | trainer | epochs | seeds | pixel variance z_1 / z_2 / z_3 | top leads (Fig. 3) "
+             "| FD Gibbs / ancestral | Gibbs within 20 % (Fig. 2) | test ELBO | trained at |", "|---" * 11 + "|"]
     for (recipe, width, trainer, epoch), g in groups(rows).items():
-        n, share = len(g), np.mean([r["pixel_var_share"] for r in g], 0)
+        share = np.mean([r["pixel_var_share"] for r in g], 0)
         fd = " ".join(f"{r['gibbs_frechet']:.0f}/{r['ancestral_frechet']:.0f}" for r in g)
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
                      f"{' / '.join(f'{v:.2f}' for v in share)} | "
-                     f"{sum(r['fig3']['verdict'] == 'holds' for r in g)}/{n} | "
-                     f"{fd} | "
-                     f"{sum(r['fig2_gibbs_within_20pct'] for r in g)}/{n} | "
-                     f"{np.mean([r['test_elbo'] for r in g]):.1f} |")
+                     f"{count(g, 'fig3')} | {fd} | {count(g, 'fig2')} | "
+                     f"{np.mean([r['test_elbo'] for r in g]):.1f} | {commits(g)} |")
     return "\n".join(lines)
+
+
+def restarts(g: list[dict]) -> str:
+    """Restarts picked by the ELBO, an unsupervised criterion (docs/fig5-protocol.md, second round): of every pair of
+    seeds, the run with the higher test ELBO is kept; k/n = in how many of the n pairs the kept run holds Fig. 5."""
+    picked = [max(pair, key=lambda r: r["test_elbo"]) for pair in itertools.combinations(g, 2)]
+    return f"{sum(r['fig5']['holds'] for r in picked)}/{len(picked)}" if picked else "-"
 
 
 def table(rows: list[dict]) -> str:
     """One line per (recipe, width, trainer, epoch) over distinct seeds: how many seeds each Fig. 5 check holds /
-    is unclear / fails in (evaluate.fig5_verdict), how many hold all three, mean test ELBO, the commits."""
+    is unclear / fails in (evaluate.fig5_verdict), how many hold all three, how often a restart picked by the ELBO
+    does (restarts), mean test ELBO, the commits."""
     names = ("bottom = thickness", "middle = width/slant", "top = identity")
     lines = ["| recipe | width | trainer | epochs | seeds | bottom = thickness | middle = width/slant | top = identity "
-             "| all three hold | test ELBO | prior FD | trained at |", "|---" * 12 + "|"]
+             "| all three hold | ELBO pick of 2 | test ELBO | prior FD | trained at |", "|---" * 13 + "|"]
     for (recipe, width, trainer, epoch), g in groups(rows).items():
         n = len(g)
         cells = [" / ".join(str(sum(r["fig5"]["checks"][c] == v for r in g)) for v in ("holds", "unclear", "fails"))
                  for c in names]
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
-                     + " | ".join(cells) + f" | **{sum(r['fig5']['holds'] for r in g)}/{n}** | "
+                     + " | ".join(cells) + f" | **{sum(r['fig5']['holds'] for r in g)}/{n}** | {restarts(g)} | "
                      f"{np.mean([r['test_elbo'] for r in g]):.1f} | {np.mean([r['prior_frechet'] for r in g]):.0f} | "
                      f"{commits(g)} |")
     return "\n".join(lines) + "\n\nEach check: seeds where it holds / is unclear / fails (docs/fig5-protocol.md)."

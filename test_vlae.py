@@ -1523,10 +1523,16 @@ def test_read_check_and_the_study_table():
             "trained_at": {"commit": "abcdef123", "dirty": False}}
     rows = [base | {"seed": 0, "fig5": fig5(("fails", "holds", "holds"))},
             base | {"seed": 0, "fig5": fig5(("holds", "holds", "holds"))},     # seed 0 again: its last row counts
-            base | {"seed": 1, "fig5": fig5(("unclear", "holds", "fails"))}]
+            base | {"seed": 1, "fig5": fig5(("unclear", "holds", "fails")), "test_elbo": 2.0}]  # the ELBO picks seed 1
     line = study.table(rows).splitlines()[2]
-    assert line.startswith("| r | w | t | 1 | 0,1 | 1 / 1 / 0 | 2 / 0 / 0 | 1 / 0 / 1 | **1/2** |"), line
+    assert line.startswith("| r | w | t | 1 | 0,1 | 1 / 1 / 0 | 2 / 0 / 0 | 1 / 0 / 1 | **1/2** | 0/1 |"), line
     assert "abcdef1" in line
+    hvae = lambda seed, fig3, fig2: base | {"seed": seed, "pixel_var_share": [0.2, 0.3, 0.5], "gibbs_frechet": 30.0,
+                                            "ancestral_frechet": 20.0, "fig3": {"verdict": fig3},
+                                            "fig2": {"verdict": fig2}}
+    line = study.hvae_table([hvae(0, "holds", "fails"), hvae(1, "unclear", "fails"), hvae(2, "holds", "holds")])
+    assert line.splitlines()[2].startswith("| r | w | t | 1 | 0,1,2 | 0.20 / 0.30 / 0.50 | 2 / 1 / 0 | 30/20 30/20 "
+                                           "30/20 | 1 / 0 / 2 | 1.0 | abcdef1 |"), line
 
 
 def test_evaluate_report_end_to_end(run, tmp_path, capsys):
@@ -1557,6 +1563,27 @@ def test_evaluate_report_end_to_end(run, tmp_path, capsys):
                  "Frechet distance",
                  "| z_3 (top) |"):
         assert text in out, text
+    assert "fig2" not in r and "Fig. 2" not in out
+    # the HVAE's report adds the Gibbs chain of Proposition 1 and Fig. 2's verdict
+    hvae_run = tiny_run(tmp_path / "hvae", model="hvae", latent_dims=(2, 2, 2))
+    assert evaluate.main(argv[:1] + [str(hvae_run)] + argv[2:] + ["--gibbs-steps", "2"]) == 0
+    out, r = capsys.readouterr().out, json.loads((tmp_path / "ev.json").read_text())
+    assert set(r["samples"]) == {"ancestral", "gibbs", "mnist_train"}
+    assert r["fig2"]["verdict"] in ("holds", "unclear", "fails") and r["fig2"]["ratio"] > 0
+    assert "Fig. 2 (Proposition 1" in out and "| eps_3 |" in out
+
+
+def test_fig2_verdict_reads_the_frechet_ratio_with_its_noise():
+    """Gibbs samples drawn like the ancestral ones: the ratio is near 1 and the claim holds; drawn far off: it fails;
+    the same seed gives the same interval."""
+    rng = np.random.default_rng(0)
+    test = rng.standard_normal((3000, 8))
+    ancestral = rng.standard_normal((1000, 8)) + 0.5
+    alike, off = rng.standard_normal((1000, 8)) + 0.5, rng.standard_normal((1000, 8)) * 2 + 1.5
+    v = evaluate.fig2_verdict(alike, ancestral, test, seed=0, resamples=100)
+    assert v["verdict"] == "holds" and 0.8 < v["ratio"] < 1.2 and v["interval"][0] < v["ratio"] < v["interval"][1]
+    assert evaluate.fig2_verdict(off, ancestral, test, seed=0, resamples=100)["verdict"] == "fails"
+    assert evaluate.fig2_verdict(alike, ancestral, test, seed=0, resamples=100) == v
 
 
 def test_evaluate_errors_are_one_line(run, bad_runs, tmp_path, capsys):

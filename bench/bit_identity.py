@@ -6,6 +6,7 @@ means the same training run.
 
     DEV=CL python bench/bit_identity.py                    # the default run's network, as train.py trains it
     DEV=CL python bench/bit_identity.py --npz state.npz    # also writes the arrays (to compare two runs)
+    python bench/bit_identity.py --runs RUN_A RUN_B         # two whole runs: their checkpoints, tensor by tensor
 """
 from __future__ import annotations
 import argparse, hashlib, sys
@@ -26,12 +27,25 @@ def setup(plain: bool) -> None:
         fast.enable()
 
 
+def compare_runs(a: Path, b: Path) -> str:
+    """Two runs' checkpoints (weights, Adam's state, BN statistics, the loss sums), tensor by tensor, as bytes."""
+    from tinygrad.nn.state import safe_load
+    load = lambda run: {k: v.numpy() for k, v in safe_load(run / "checkpoint.safetensors").items()}
+    ta, tb = load(a), load(b)
+    same = [k for k in ta if k in tb and ta[k].dtype == tb[k].dtype and ta[k].tobytes() == tb[k].tobytes()]
+    return f"{len(same)} of {len(ta)} tensors identical ({len(tb)} in {b})" + ("" if len(same) == len(ta) == len(tb)
+                                                                               else f"; differ: {sorted(set(ta) - set(same))[:5]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="medium")
     p.add_argument("--plain", action="store_true", help="as train.py --plain (without the fast package)")
     p.add_argument("--npz", default=None, help="also write the arrays here")
+    p.add_argument("--runs", nargs=2, type=Path, default=None, metavar="RUN", help="compare two run folders instead")
     a = p.parse_args()
+    if a.runs:
+        return print(compare_runs(*a.runs))
     # --kl-warmup 15000: the KL weight under which the hashes in docs/performance.md were recorded
     args = train.parse_args(["--dataset", "mnist", "--size", a.size, "--kl-warmup", "15000"])
     setup(a.plain)
