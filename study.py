@@ -254,7 +254,7 @@ def hvae_table(rows: list[dict]) -> str:
     """Fig. 3 and Fig. 2 for the HVAE: per cell, pixel-variance shares (mean over seeds), the Frechet distances, and
     in how many seeds each claim holds / is unclear / fails (evaluate.layer_leads, evaluate.fig2_verdict)."""
     count = lambda g, key: " / ".join(str(sum(r[key]["verdict"] == v for r in g)) for v in ("holds", "unclear", "fails"))
-    lines = ["| recipe | width | trainer | epochs | seeds | pixel variance z_1 / z_2 / z_3 | top leads (Fig. 3) "
+    lines = ["| recipe | width | trainer | epochs | seeds | pixel variance eps_1 / eps_2 / eps_3 | top leads (Fig. 3) "
              "| FD Gibbs / ancestral | Gibbs within 20 % (Fig. 2) | test ELBO | trained at |", "|---" * 11 + "|"]
     for (recipe, width, trainer, epoch), g in groups(rows).items():
         share = np.mean([r["pixel_var_share"] for r in g], 0)
