@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from tinygrad import Device, Tensor
 import train
-from checkpoint import build_model, checkpoint_tensors
+from checkpoint import build_model, checkpoint_tensors, read_checkpoint
 from data import batches, load_dataset
 
 
@@ -29,9 +29,7 @@ def setup(plain: bool) -> None:
 
 def compare_runs(a: Path, b: Path) -> str:
     """Two runs' checkpoints (weights, Adam's state, BN statistics, the loss sums), tensor by tensor, as bytes."""
-    from tinygrad.nn.state import safe_load
-    load = lambda run: {k: v.numpy() for k, v in safe_load(run / "checkpoint.safetensors").items()}
-    ta, tb = load(a), load(b)
+    (ta, _), (tb, _) = read_checkpoint(a), read_checkpoint(b)
     same = [k for k in ta if k in tb and ta[k].dtype == tb[k].dtype and ta[k].tobytes() == tb[k].tobytes()]
     return f"{len(same)} of {len(ta)} tensors identical ({len(tb)} in {b})" + ("" if len(same) == len(ta) == len(tb)
                                                                                else f"; differ: {sorted(set(ta) - set(same))[:5]}")
