@@ -84,12 +84,17 @@ def active_units(means: np.ndarray, threshold: float = ACTIVE) -> tuple[np.ndarr
     return var, int((var > threshold).sum())
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to feature sets a (N, F) and b (M, F) (as in FID, Heusel et al.
-    2017): |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)). tr((C_a C_b)^(1/2)) is computed as the sum of the
-    square roots of the eigenvalues of C_a^(1/2) C_b C_a^(1/2), which is symmetric: numpy alone, no scipy."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and covariance of a feature set (N, F): the Gaussian frechet_distance compares."""
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(a, b) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a (N, F) and b (M, F), each given as the set or as
+    its gaussian_fit (as in FID, Heusel et al. 2017): |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)).
+    tr((C_a C_b)^(1/2)) is computed as the sum of the square roots of the eigenvalues of C_a^(1/2) C_b C_a^(1/2),
+    which is symmetric: numpy alone, no scipy."""
+    (mu_a, c_a), (mu_b, c_b) = (f if isinstance(f, tuple) else gaussian_fit(f) for f in (a, b))
     w, v = np.linalg.eigh(c_a)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ c_b @ root_a), 0, None)).sum()
@@ -389,8 +394,8 @@ def fig2_verdict(gibbs: np.ndarray, ancestral: np.ndarray, test_features: np.nda
     ancestral sampling through every layer. The ratio FD(Gibbs) / FD(ancestral) on the classifier's features, with a
     bootstrap over the images of each set (drawn independently); P = how often the ratio is <= GIBBS_WITHIN, read by
     read_check (holds at P >= 0.95, fails at P <= 0.05)."""
-    rng = np.random.default_rng(seed)
-    fd = lambda f: frechet_distance(f, test_features)
+    rng, test = np.random.default_rng(seed), gaussian_fit(test_features)     # the test set's Gaussian, fitted once
+    fd = lambda f: frechet_distance(f, test)
     pick = lambda f: f[rng.integers(0, len(f), len(f))]
     draws = np.array([fd(pick(gibbs)) / fd(pick(ancestral)) for _ in range(resamples)])
     p = float((draws <= GIBBS_WITHIN).mean())
@@ -455,8 +460,8 @@ def run_evaluation(args) -> dict:
         _, test_features = classify(clf, ds.test_x)
         eps = [rng.standard_normal((args.samples, d), dtype=np.float32) for d in cfg.latent_dims]
         reference = ds.train_x[rng.choice(len(ds.train_x), args.samples, replace=False)]
-        quality, ancestral = sample_quality(clf, generate_images(model, eps), test_features)
-        quality = {"ancestral": quality}
+        quality = {}
+        quality["ancestral"], ancestral = sample_quality(clf, generate_images(model, eps), test_features)
         if cfg.model == "hvae":
             quality["gibbs"], gibbs = sample_quality(clf, gibbs_samples(model, args.samples, args.gibbs_steps,
                                                                         args.seed), test_features)
@@ -551,8 +556,8 @@ def markdown(r: dict) -> str:
                          f"{q['frechet']:.1f} |")
         if "fig2" in r:
             f2 = r["fig2"]
-            lines += ["", f"Fig. 2 (Proposition 1: the bottom layer's Gibbs chain samples as well as ancestral sampling):"
-                      f" Frechet distance ratio Gibbs / ancestral {f2['ratio']:.2f} [{f2['interval'][0]:.2f}, "
+            lines += ["", f"Fig. 2 (Proposition 1: the bottom layer's Gibbs chain samples as well as ancestral "
+                      f"sampling): Frechet distance ratio Gibbs / ancestral {f2['ratio']:.2f} [{f2['interval'][0]:.2f}, "
                       f"{f2['interval'][1]:.2f}], P(ratio <= {f2['within']}) {f2['p']:.2f}: {f2['verdict']}."]
     lines += ["", f"({r['seconds']:.0f} s; `python evaluate.py --run {r['run']}`)"]
     return "\n".join(lines)
