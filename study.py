@@ -250,10 +250,15 @@ def commits(g: list[dict]) -> str:
     return ", ".join(c)
 
 
+def tally(verdicts) -> str:
+    """'holds / unclear / fails': how many of the verdicts are each."""
+    verdicts = list(verdicts)
+    return " / ".join(str(verdicts.count(v)) for v in ("holds", "unclear", "fails"))
+
+
 def hvae_table(rows: list[dict]) -> str:
     """Fig. 3 and Fig. 2 for the HVAE: per cell, pixel-variance shares (mean over seeds), the Frechet distances, and
     in how many seeds each claim holds / is unclear / fails (evaluate.layer_leads, evaluate.fig2_verdict)."""
-    count = lambda g, key: " / ".join(str(sum(r[key]["verdict"] == v for r in g)) for v in ("holds", "unclear", "fails"))
     lines = ["| recipe | width | trainer | epochs | seeds | pixel variance eps_1 / eps_2 / eps_3 | top leads (Fig. 3) "
              "| FD Gibbs / ancestral | Gibbs within 20 % (Fig. 2) | test ELBO | trained at |", "|---" * 11 + "|"]
     for (recipe, width, trainer, epoch), g in groups(rows).items():
@@ -261,7 +266,7 @@ def hvae_table(rows: list[dict]) -> str:
         fd = " ".join(f"{r['gibbs_frechet']:.0f}/{r['ancestral_frechet']:.0f}" for r in g)
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
                      f"{' / '.join(f'{v:.2f}' for v in share)} | "
-                     f"{count(g, 'fig3')} | {fd} | {count(g, 'fig2')} | "
+                     f"{tally(r['fig3']['verdict'] for r in g)} | {fd} | {tally(r['fig2']['verdict'] for r in g)} | "
                      f"{np.mean([r['test_elbo'] for r in g]):.1f} | {commits(g)} |")
     return "\n".join(lines)
 
@@ -282,8 +287,7 @@ def table(rows: list[dict]) -> str:
              "| all three hold | ELBO pick of 2 | test ELBO | prior FD | trained at |", "|---" * 13 + "|"]
     for (recipe, width, trainer, epoch), g in groups(rows).items():
         n = len(g)
-        cells = [" / ".join(str(sum(r["fig5"]["checks"][c] == v for r in g)) for v in ("holds", "unclear", "fails"))
-                 for c in names]
+        cells = [tally(r["fig5"]["checks"][c] for r in g) for c in names]
         lines.append(f"| {recipe} | {width} | {trainer} | {epoch} | {','.join(str(r['seed']) for r in g)} | "
                      + " | ".join(cells) + f" | **{sum(r['fig5']['holds'] for r in g)}/{n}** | {restarts(g)} | "
                      f"{np.mean([r['test_elbo'] for r in g]):.1f} | {np.mean([r['prior_frechet'] for r in g]):.0f} | "
